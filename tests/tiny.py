@@ -1,0 +1,58 @@
+"""Tiny random models of each supported family (BERT, RoBERTa, GPT-2, LLaMA with GQA) for fast CPU tests."""
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+                          RobertaConfig, RobertaForSequenceClassification, BertForQuestionAnswering)
+
+VOCAB = 97
+
+
+def tiny_config(family: str, **over):
+    if family == "llama":
+        c = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                 num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                 tie_word_embeddings=True, rms_norm_eps=1e-6)
+        c.update(over)
+        return LlamaConfig(**c)
+    if family == "gpt2":
+        c = dict(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=6, n_positions=128, n_inner=80,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        c.update(over)
+        return GPT2Config(**c)
+    cls = BertConfig if family == "bert" else RobertaConfig
+    c = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+             max_position_embeddings=130, type_vocab_size=2, hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0, pad_token_id=1)
+    c.update(over)
+    return cls(**c)
+
+
+CLASSES = {
+    ("llama", "lm"): LlamaForCausalLM, ("llama", "cls"): LlamaForSequenceClassification,
+    ("gpt2", "lm"): GPT2LMHeadModel, ("gpt2", "cls"): GPT2ForSequenceClassification,
+    ("bert", "cls"): BertForSequenceClassification, ("bert", "qa"): BertForQuestionAnswering,
+    ("roberta", "cls"): RobertaForSequenceClassification,
+}
+
+
+def make_tiny(family: str, head: str = "lm", seed: int = 0, **over):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **over)
+    if head == "cls":
+        config.num_labels = 3
+        config.pad_token_id = 0
+    model = CLASSES[(family, head)](config)
+    # non-trivial norms so that folding and slicing errors show up
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny

@@ -1,0 +1,267 @@
+"""Evaluation of (pruned) transformers: exact token-level perplexity of causal LMs, and task metrics.
+
+Metric formulas (accuracy, F1, Matthews correlation, Pearson, Spearman) are implemented here with torch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vtrans.data import ClassificationData, batches
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- perplexity
+
+
+def perplexity(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    window: int | None = None,
+    stride: int | None = None,
+) -> dict:
+    """Token-level perplexity of a causal LM on held-out token blocks ([N, T] LongTensor).
+
+    Without `window` ("blocks" protocol) every block is scored on its own: tokens 1..T-1 of each block,
+    N * (T - 1) tokens. With `window` ("sliding_window" protocol) the blocks are concatenated into one
+    stream of L tokens; windows of up to `window` tokens start every `stride` tokens (default window // 2,
+    1 <= stride < window) and each scores only tokens not yet scored, so tokens 1..L-1 are each scored
+    exactly once, with at least window - stride and at most window - 1 tokens of context.
+
+    Returns dict(ppl, nll (mean per token, nats), tokens, window, stride, protocol).
+    """
+    blocks = _check_blocks(blocks)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if window is None:
+        if stride is not None:
+            raise ValueError("stride needs a window; omit both to score each block independently")
+        _check_context(model, blocks.shape[1])
+        spans = [(blocks[i], 1) for i in range(blocks.shape[0])]
+        protocol = "blocks"
+    else:
+        stride = window // 2 if stride is None else stride
+        if window < 2 or not 1 <= stride < window:
+            raise ValueError(
+                f"need window >= 2 and 1 <= stride < window, got window={window}, stride={stride}"
+            )
+        _check_context(model, window)
+        spans = list(_sliding_windows(blocks.reshape(-1), window, stride))
+        protocol = "sliding_window"
+    nll_sum, tokens = _score_spans(model, spans, batch_size)
+    nll = nll_sum / tokens
+    return {
+        "ppl": math.exp(nll) if nll < 700 else math.inf,
+        "nll": nll,
+        "tokens": tokens,
+        "window": window,
+        "stride": stride,
+        "protocol": protocol,
+    }
+
+
+def _check_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.long:
+        kind = getattr(blocks, "dtype", type(blocks).__name__)
+        raise ValueError(f"blocks must be a LongTensor of token ids, got {kind}")
+    if blocks.dim() == 1:
+        blocks = blocks.unsqueeze(0)
+    if blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must have shape [N >= 1, T >= 2], got {tuple(blocks.shape)}")
+    return blocks
+
+
+def _check_context(model: nn.Module, length: int) -> None:
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and length > limit:
+        raise ValueError(f"sequences of {length} tokens exceed the model's context of {limit} positions")
+
+
+def _sliding_windows(stream: torch.Tensor, window: int, stride: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """(window tokens, index within the window of the first token it scores)."""
+    length = stream.numel()
+    scored_to = 1  # token 0 has no context and is never scored
+    for begin in range(0, length, stride):
+        end = min(begin + window, length)
+        yield stream[begin:end], scored_to - begin
+        scored_to = end
+        if end == length:
+            return
+
+
+def _score_spans(
+    model: nn.Module, spans: list[tuple[torch.Tensor, int]], batch_size: int
+) -> tuple[float, int]:
+    """Sum of -log p(token | preceding tokens in its span) over each span's tokens from its first index."""
+    device = _device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = 0
+    with _eval_mode(model), torch.no_grad():
+        for group in _same_length_batches(spans, batch_size):
+            ids = torch.stack([s for s, _ in group]).to(device)
+            logits = _logits(model, input_ids=ids)
+            for row, (_, first) in enumerate(group):
+                targets = ids[row, first:]
+                predicted = logits[row, first - 1 : -1].float()
+                total += F.cross_entropy(predicted, targets, reduction="sum").double()
+                tokens += targets.numel()
+    return total.item(), tokens
+
+
+def _same_length_batches(spans: list[tuple[torch.Tensor, int]], batch_size: int) -> Iterator[list]:
+    group: list = []
+    for span in spans:
+        if group and (len(group) == batch_size or span[0].numel() != group[0][0].numel()):
+            yield group
+            group = []
+        group.append(span)
+    if group:
+        yield group
+
+
+class _eval_mode:
+    """Put a model in eval mode and restore its previous training flag afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.was_training = model.training
+
+    def __enter__(self) -> nn.Module:
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.train(self.was_training)
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _logits(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+# ----------------------------------------------------------------------------------------- task metrics
+
+
+def predict(model: nn.Module, data: ClassificationData, batch_size: int = 32) -> torch.Tensor:
+    """The model's logits [N, num_labels] on `data`, in order (eval mode, no grad, CPU float32)."""
+    device = _device(model)
+    out = []
+    with _eval_mode(model), torch.no_grad():
+        for batch in batches(data, batch_size, shuffle=False):
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            out.append(_logits(model, **inputs).float().cpu())
+    return torch.cat(out)
+
+
+def classification_metrics(model: nn.Module, data: ClassificationData, batch_size: int = 32) -> dict:
+    """dict(accuracy, f1, f1_average, matthews_corrcoef, n) of argmax predictions.
+
+    F1 is binary (positive class 1) for two classes, macro-averaged over the classes present otherwise.
+    """
+    logits = predict(model, data, batch_size)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(
+            f"classification needs logits [N, C >= 2], got {tuple(logits.shape)}; use regression_metrics"
+        )
+    preds, labels = logits.argmax(-1), data.labels.long()
+    average = "binary" if logits.shape[1] == 2 else "macro"
+    return {
+        "accuracy": accuracy(preds, labels),
+        "f1": f1_score(preds, labels, average),
+        "f1_average": average,
+        "matthews_corrcoef": matthews_corrcoef(preds, labels),
+        "n": labels.numel(),
+    }
+
+
+def regression_metrics(model: nn.Module, data: ClassificationData, batch_size: int = 32) -> dict:
+    """dict(pearson, spearman, n) of a single-output regression head (e.g. STS-B)."""
+    logits = predict(model, data, batch_size)
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        logits = logits[:, 0]
+    if logits.dim() != 1:
+        raise ValueError(f"regression needs one output per example, got logits {tuple(logits.shape)}")
+    labels = data.labels.float()
+    return {"pearson": pearson(logits, labels), "spearman": spearman(logits, labels), "n": labels.numel()}
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.dim() != 1 or a.numel() == 0:
+        raise ValueError(
+            f"need two non-empty 1-D tensors of equal length, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of predictions equal to the labels."""
+    _check_pair(preds, labels)
+    return (preds == labels).double().mean().item()
+
+
+def f1_score(preds: torch.Tensor, labels: torch.Tensor, average: str = "binary") -> float:
+    """F1 of the positive class 1 ("binary") or the mean F1 over classes in labels or preds ("macro").
+
+    A class with no true and no predicted positives would divide by zero; its F1 counts as 0.
+    """
+    _check_pair(preds, labels)
+    if average == "binary":
+        return _class_f1(preds, labels, 1)
+    if average == "macro":
+        classes = torch.unique(torch.cat([preds, labels])).tolist()
+        return sum(_class_f1(preds, labels, c) for c in classes) / len(classes)
+    raise ValueError(f"average must be 'binary' or 'macro', got {average!r}")
+
+
+def _class_f1(preds: torch.Tensor, labels: torch.Tensor, cls: int) -> float:
+    tp = ((preds == cls) & (labels == cls)).sum().item()
+    fp = ((preds == cls) & (labels != cls)).sum().item()
+    fn = ((preds != cls) & (labels == cls)).sum().item()
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def matthews_corrcoef(preds: torch.Tensor, labels: torch.Tensor) -> float:
+    """Matthews correlation, multi-class R_K form (the binary formula for two classes); 0 if undefined."""
+    _check_pair(preds, labels)
+    classes, inverse = torch.unique(torch.cat([labels, preds]), return_inverse=True)
+    k, n = classes.numel(), labels.numel()
+    conf = torch.zeros(k, k, dtype=torch.float64)
+    conf.index_put_((inverse[:n], inverse[n:]), torch.ones(n, dtype=torch.float64), accumulate=True)
+    t, p, c = conf.sum(1), conf.sum(0), conf.trace()
+    cov_tp = c * n - (t * p).sum()
+    denom = torch.sqrt((n * n - (p * p).sum()) * (n * n - (t * t).sum()))
+    return (cov_tp / denom).item() if denom > 0 else 0.0
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation; NaN when either input is constant."""
+    _check_pair(x, y)
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = torch.sqrt((x * x).sum() * (y * y).sum())
+    return (x * y).sum().item() / denom.item() if denom > 0 else math.nan
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation: Pearson correlation of ranks, ties given their average rank."""
+    _check_pair(x, y)
+    return pearson(_average_ranks(x), _average_ranks(y))
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    values = x.double()
+    _, inverse, counts = torch.unique(values, sorted=True, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # 0-based rank of the first element of each distinct value
+    mean_rank = first.double() + (counts.double() + 1) / 2  # 1-based average rank
+    return mean_rank[inverse]

@@ -1,0 +1,191 @@
+"""The prune job: attach masks -> train them (VTrans / Fast-VTrans / Faster-VTrans) -> decide to the budget
+-> materialise -> evaluate dense vs pruned -> save the pruned model and its metrics."""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import data as D
+from ..accounting import flops_per_token, model_numel, param_count
+from ..config import Config
+from ..engine import Engine, fit
+from ..evaluation import classification_metrics, perplexity
+from ..log import RunLogger
+from ..masks.attach import MaskInit, attach_masks
+from ..masks.decide import Budget, check_reachable, decide
+from ..masks.materialize import materialize
+from ..models.load import load_config, load_model
+from ..models.pruned_modeling import save_pruned
+from ..models.spec import shape_of
+from ..pruning import PruningModule
+
+log = logging.getLogger("vtrans")
+FAST_FRACTION = 0.03  # Fast-VTrans trains on about 3 % of the data (the paper)
+
+
+def budget_of(cfg: Config) -> Budget:
+    return Budget(kind=cfg.budget.kind, target=cfg.budget.target, embeddings=cfg.budget.count_embeddings,
+                  seq_len=cfg.budget.flops_seq_len)
+
+
+def prepare_data(cfg: Config, tokenizer, task: str):
+    """(train, heldout) tensors; documents are split before tokenising, so the parts never overlap."""
+    dc = cfg.data
+    docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
+    train_docs, held_docs = D.split_documents(docs, dc.heldout_fraction, dc.seed)
+    fraction = dc.train_fraction
+    if cfg.mask.variant == "fast" and fraction == 1.0:
+        fraction = FAST_FRACTION
+    if fraction < 1.0:
+        train_docs = D.subsample(train_docs, fraction, dc.seed)
+    if task == "causal_lm":
+        train = D.lm_blocks(tokenizer, train_docs, dc.seq_len, dc.max_train_blocks or None)
+        held = D.lm_blocks(tokenizer, held_docs, dc.seq_len, dc.max_eval_blocks or None)
+        return train, held, len(train_docs), len(held_docs)
+    train = D.ClassificationData.from_documents(tokenizer, train_docs, dc.seq_len)
+    held = D.ClassificationData.from_documents(tokenizer, held_docs, dc.seq_len)
+    return train, held, len(train_docs), len(held_docs)
+
+
+def endless(data, batch_size: int, seed: int):
+    """Batches over epochs, a new order each epoch, as model-input dicts."""
+    for epoch in itertools.count():
+        for b in D.batches(data, batch_size, shuffle=True, seed=seed + epoch, drop_last=True):
+            yield {"input_ids": b} if isinstance(b, torch.Tensor) else b
+
+
+def evaluate(model, held, cfg: Config, task: str) -> dict:
+    if task == "causal_lm":
+        r = perplexity(model, held, batch_size=8, window=cfg.data.eval_window or None,
+                       stride=cfg.data.eval_stride or None)
+        return {"ppl": r["ppl"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
+                "eval_window": r["window"] or cfg.data.seq_len, "eval_stride": r["stride"] or cfg.data.seq_len}
+    r = classification_metrics(model, held, batch_size=32)
+    return {k: v for k, v in r.items()}
+
+
+def run(cfg: Config, out: Path) -> dict:
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.optim.seed)
+    task = cfg.model.task
+    # --- checks that need no weights: model family, data source
+    hf_config = load_config(cfg.model)
+    if cfg.mask.method != "vib":
+        raise ValueError(f"mask.method={cfg.mask.method!r}: one-shot scorers are run by the baselines bench; "
+                         "the prune job trains VIB masks (mask.method=vib)")
+    model, tokenizer = load_model(cfg.model, hf_config)
+    train, held, n_train_docs, n_held_docs = prepare_data(cfg, tokenizer, task)
+    mc = cfg.mask
+    mm = attach_masks(model, mc.structures, MaskInit(method=mc.method, mu=mc.mu_init, mu_std=mc.mu_std,
+                                                     log_sigma2=mc.log_sigma2_init,
+                                                     log_sigma2_std=mc.log_sigma2_std, k=mc.k))
+    budget = budget_of(cfg)
+    check_reachable(mm, budget)  # before any training
+    dense = mm.dense
+    logger = RunLogger(cfg.logger, asdict(cfg), str(out))
+    log.info("model %s: %s layers, hidden %s, %s params; %d train / %d held-out documents",
+             dense.family, len(dense.layers), dense.hidden, f"{param_count(dense):,}", n_train_docs, n_held_docs)
+
+    with mm.disabled():
+        dense_eval = evaluate(model, held, cfg, task)
+    log.info("dense: %s", _fmt(dense_eval))
+
+    oc = cfg.optim
+    module = PruningModule(
+        mm, budget, beta=mc.beta, kl_weights=dict(mc.kl_weights), task_weight=cfg.distill.task_weight,
+        logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
+        layer_weight=cfg.distill.layer_weight, layer_every=cfg.distill.layer_every,
+        warmup_steps=round(cfg.budget.warmup_fraction * oc.steps), train_weights=mc.variant != "faster")
+    engine = Engine(module, module.param_groups(oc.mask_lr, oc.weight_lr, oc.lambda_lr, oc.distill_lr),
+                    grad_accum=oc.grad_accum, clip=oc.clip)
+    t_train = time.perf_counter()
+    history = fit(engine, endless(train, oc.batch_size, oc.seed), oc.steps, oc.grad_accum,
+                  on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans")
+    train_time = time.perf_counter() - t_train
+
+    decision = decide(mm, budget)
+    pruned = materialize(mm)
+    pruned_shape = shape_of(pruned)
+    params_dense, params_pruned = model_numel(model_without_masks(mm)), model_numel(pruned)
+    target = decision["target"]
+    if budget.kind == "params_ratio" or budget.kind == "params":
+        counted = params_pruned if budget.embeddings else model_numel(pruned, embeddings=False)
+        if counted > target:
+            raise RuntimeError(f"pruned model has {counted:,} parameters, over the budget {target:,.0f}")
+    pruned_eval = evaluate(pruned, held, cfg, task)
+    log.info("pruned: %s", _fmt(pruned_eval))
+
+    seq = cfg.budget.flops_seq_len
+    metrics = {
+        "variant": mc.variant,
+        "method": mc.method,
+        "model_family": dense.family,
+        "budget_kind": budget.kind,
+        "budget_target": cfg.budget.target,
+        "budget_target_size": target,
+        "params_dense": params_dense,
+        "params_pruned": params_pruned,
+        "param_reduction": 1 - params_pruned / params_dense,
+        "params_dense_no_embeddings": int(param_count(dense, embeddings=False)),
+        "params_pruned_no_embeddings": int(param_count(pruned_shape, embeddings=False)),
+        "flops_seq_len": seq,
+        "flops_dense": float(flops_per_token(dense, seq)),
+        "flops_pruned": float(flops_per_token(pruned_shape, seq)),
+        "threshold_params_ratio": decision["threshold_size"] / decision["dense_size"],
+        "shape_pruned": pruned_shape.summary(),
+        "train_steps": oc.steps,
+        "train_tokens": oc.steps * oc.grad_accum * oc.batch_size * cfg.data.seq_len,
+        "train_time_s": train_time,
+        "final_loss": history[-1]["loss"],
+    }
+    for k, v in dense_eval.items():
+        metrics[f"{k}_dense" if not k.startswith("eval_") else k] = v
+    for k, v in pruned_eval.items():
+        if not k.startswith("eval_"):
+            metrics[f"{k}_pruned"] = v
+    model_dir = out / "model"
+    save_pruned(pruned, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    metrics["model_dir"] = str(model_dir)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    metrics["objective"] = metrics.get("ppl_pruned", metrics.get("accuracy_pruned"))
+    logger.summary(metrics)
+    logger.finish()
+    _print_summary(metrics)
+    return metrics
+
+
+def model_without_masks(mm):
+    """A view for counting: the model's parameters other than its masks."""
+    mask_ids = {id(p) for m in mm.masks().values() for p in m.parameters()}
+
+    class _View(torch.nn.Module):
+        def parameters(self, recurse=True):
+            return (p for p in mm.model.parameters() if id(p) not in mask_ids)
+
+    return _View()
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _print_summary(m: dict) -> None:
+    rows = [("parameters", f"{m['params_dense']:,}", f"{m['params_pruned']:,}"),
+            ("params w/o embeddings", f"{m['params_dense_no_embeddings']:,}", f"{m['params_pruned_no_embeddings']:,}"),
+            (f"GFLOPs/token @ {m['flops_seq_len']}", f"{m['flops_dense'] / 1e9:.3f}", f"{m['flops_pruned'] / 1e9:.3f}")]
+    if "ppl_dense" in m:
+        rows.append(("held-out perplexity", f"{m['ppl_dense']:.3f}", f"{m['ppl_pruned']:.3f}"))
+    if "accuracy_dense" in m:
+        rows.append(("held-out accuracy", f"{m['accuracy_dense']:.4f}", f"{m['accuracy_pruned']:.4f}"))
+    lines = [f"vtrans {m['variant']}-VTrans ({m['method']}): parameter reduction {m['param_reduction']:.1%}, "
+             f"wall time {m['wall_time_s']:.0f} s (mask training {m['train_time_s']:.0f} s)",
+             f"{'':24s}{'dense':>16s}{'pruned':>16s}"]
+    lines += [f"{a:24s}{b:>16s}{c:>16s}" for a, b, c in rows]
+    lines.append(f"pruned model: {m['model_dir']}")
+    print("\n".join(lines), flush=True)

