@@ -1,0 +1,1 @@
+"""Structure masks: attach -> train -> decide -> materialise."""

@@ -1,0 +1,1 @@
+"""Per-architecture tables, model loading, and the pruned model classes."""
