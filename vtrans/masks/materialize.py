@@ -122,6 +122,9 @@ def materialize(mm: MaskedModel, dtype: torch.dtype | None = None):
             out[key] = t.index_select(1, hk)
             if key[: -len(".weight")] + ".bias" in sd:
                 out[key[: -len(".weight")] + ".bias"] = sd[key[: -len(".weight")] + ".bias"]
+    for key, t in sd.items():  # what the hidden dimension does not touch (classifier outputs, buffers) is kept
+        if not key.startswith(layers_prefix) and key not in out:
+            out[key] = t
     if dense.head == "lm" and dense.tied_embeddings and "lm_head.weight" in sd:
         out["lm_head.weight"] = out[base_prefix + spec.embeddings[0] + ".weight"]
 
@@ -130,10 +133,10 @@ def materialize(mm: MaskedModel, dtype: torch.dtype | None = None):
     for i, (ls, lm) in enumerate(zip(dense.layers, mm.layers)):
         kv_idx, kv_mu = _hard(lm.heads, ls.kv_heads, device)
         if lm.attention is not None and not bool(lm.attention.kept().all()):
-            kv_idx = kv_idx[:0]
+            kv_idx, kv_mu = kv_idx[:0], kv_mu[:0]
         n_idx, n_mu = _hard(lm.neurons, ls.intermediate, device)
         if lm.ffn is not None and not bool(lm.ffn.kept().all()):
-            n_idx = n_idx[:0]
+            n_idx, n_mu = n_idx[:0], n_mu[:0]
         if len(kv_idx) == 0 and len(n_idx) == 0:
             continue  # the whole layer is gone
         src, dst = f"{layers_prefix}{i}.", f"{layers_prefix}{new_index}."

@@ -1,0 +1,148 @@
+"""Masks on tiny models of every family: identity at init, KL and soft counts, the budget decision, and
+the proof of materialisation: the hard-masked model and the materialised model give the same outputs."""
+import pytest
+import torch
+
+from tests.tiny import make_tiny
+from vtrans.accounting import model_numel, param_count
+from vtrans.masks.attach import STRUCTURES, attach_masks
+from vtrans.masks.decide import Budget, check_reachable, decide
+from vtrans.masks.materialize import materialize
+from vtrans.models.spec import shape_of
+
+CASES = [("llama", "lm"), ("llama", "cls"), ("gpt2", "lm"), ("gpt2", "cls"), ("bert", "cls"), ("bert", "qa"),
+         ("roberta", "cls")]
+
+
+def _inputs(family, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _outputs(model, inputs):
+    out = model(**inputs)
+    if hasattr(out, "logits"):
+        return out.logits
+    return torch.cat([out.start_logits, out.end_logits], -1)
+
+
+def _randomise(mm, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
+            m.mu.copy_(1 + 0.3 * torch.randn(m.n, generator=g))
+
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_masks_at_identity_leave_outputs_unchanged(family, head):
+    model = make_tiny(family, head)
+    x = _inputs(family)
+    ref = _outputs(model, x)
+    mm = attach_masks(model)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.mu.fill_(1.0)
+    torch.testing.assert_close(_outputs(model, x), ref)
+    with mm.disabled():
+        torch.testing.assert_close(_outputs(model, x), ref)
+
+
+@pytest.mark.parametrize("family,head", [("llama", "lm"), ("bert", "cls")])
+def test_training_forward_gives_kl_and_soft_counts_for_every_structure(family, head):
+    model = make_tiny(family, head)
+    mm = attach_masks(model)
+    model.train()
+    _outputs(model, _inputs(family))
+    kl = mm.kl_terms()
+    assert set(kl) == set(STRUCTURES)
+    # KL per unit at init is 0.5 * log(1 + mu^2 / sigma^2) ~ 0.5 * 9 nats
+    n_units = sum(m.n for m in mm.masks().values())
+    total = sum(float(v.detach()) for v in kl.values())
+    assert total == pytest.approx(4.5 * n_units, rel=0.02)
+    expected = param_count(mm.expected_shape())
+    assert float(expected.detach()) == pytest.approx(param_count(mm.dense), rel=1e-4)
+    # the budget is differentiable with respect to every mask
+    expected.backward()
+    for name, m in mm.masks().items():
+        assert m.log_sigma2.grad is not None, name
+
+
+@pytest.mark.parametrize("family,head", CASES)
+@pytest.mark.parametrize("ratio", [0.7, 0.45])
+def test_decide_meets_the_budget_and_materialise_is_exact(family, head, ratio):
+    model = make_tiny(family, head)
+    x = _inputs(family)
+    mm = attach_masks(model)
+    _randomise(mm)
+    budget = Budget("params_ratio", ratio)
+    d = decide(mm, budget)
+    assert d["size"] <= d["target"]
+    assert d["size"] >= 0.99 * d["target"]
+    masked_out = _outputs(model, x)
+    pruned = materialize(mm)
+    # physically smaller, and the counted parameters equal the accounting and meet the budget
+    n = model_numel(pruned)
+    assert n == param_count(shape_of(pruned)) == d["size"]
+    assert n <= budget.target_size(mm.dense)
+    torch.testing.assert_close(_outputs(pruned, x), masked_out, rtol=1e-4, atol=1e-4)
+
+
+def test_removed_blocks_and_layers_materialise_exactly():
+    for family, head in [("llama", "lm"), ("gpt2", "lm"), ("bert", "cls")]:
+        model = make_tiny(family, head)
+        x = _inputs(family)
+        mm = attach_masks(model)
+        with torch.no_grad():
+            for m in mm.masks().values():
+                m.mu.fill_(1.0)
+            mm.layers[0].attention.log_sigma2.fill_(5.0)  # layer 0 attention removed
+            mm.layers[1].ffn.log_sigma2.fill_(5.0)  # layer 1 FFN removed
+            mm.layers[2].attention.log_sigma2.fill_(5.0)  # layer 2 removed entirely
+            mm.layers[2].ffn.log_sigma2.fill_(5.0)
+            mm.layers[1].heads.log_sigma2[0] = 5.0
+            mm.hidden.log_sigma2[:5] = 5.0
+        masked_out = _outputs(model, x)
+        pruned = materialize(mm)
+        s = shape_of(pruned)
+        assert len(s.layers) == 2 and s.layers[0].heads == 0 and s.layers[1].intermediate == 0
+        assert s.hidden == mm.dense.hidden - 5
+        torch.testing.assert_close(_outputs(pruned, x), masked_out, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_head_units_are_kv_groups():
+    model = make_tiny("llama", "lm")  # 6 query heads, 2 KV heads
+    mm = attach_masks(model, ["heads"])
+    assert mm.group == 3 and all(lm.heads.n == 2 for lm in mm.layers)
+    with torch.no_grad():
+        for lm in mm.layers:
+            lm.heads.mu.fill_(1.0)
+        mm.layers[0].heads.log_sigma2[1] = 5.0
+    pruned = materialize(mm)
+    assert pruned.config.vtrans_layers[0] == {"heads": 3, "kv_heads": 1, "intermediate": 80}
+
+
+def test_unreachable_target_fails_before_training():
+    model = make_tiny("llama", "lm")
+    mm = attach_masks(model, ["neurons"])  # embeddings and attention cannot shrink
+    with pytest.raises(ValueError, match=r"not reachable with the masked structures \['neurons'\]"):
+        check_reachable(mm, Budget("params_ratio", 0.2))
+
+
+def test_unknown_structure_is_rejected():
+    with pytest.raises(ValueError, match="unknown mask structures"):
+        attach_masks(make_tiny("llama", "lm"), ["heads", "experts"])
+
+
+def test_flops_budget_is_met():
+    from vtrans.accounting import flops_per_token
+    model = make_tiny("gpt2", "lm")
+    mm = attach_masks(model)
+    _randomise(mm)
+    budget = Budget("flops", 0.6, seq_len=64)
+    d = decide(mm, budget)
+    pruned = materialize(mm)
+    f = flops_per_token(shape_of(pruned), 64)
+    assert f <= budget.target_size(mm.dense) and f >= 0.99 * budget.target_size(mm.dense)
