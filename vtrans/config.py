@@ -180,6 +180,19 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Periodic and on-signal (SIGTERM / SIGUSR1) checkpoints of a training run, and resuming from them."""
+    every: int = 0  # save every N optimizer steps (0 = only on a signal and at the end)
+    dir: str = ""  # "" = <output_dir>/checkpoints
+    resume: bool = True  # resume from the latest complete checkpoint in dir when one exists
+    keep: int = 2  # complete checkpoints kept
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 0 and checkpoint.keep={self.keep} >= 1")
+
+
+@dataclass
 class LoggerConfig:
     kind: str = "none"  # none | wandb
     project: str = "vtrans"
@@ -203,6 +216,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     output_dir: str = ""  # "" = the Hydra run directory
     export_uniform: bool = False  # export a uniform shape that loads with stock transformers classes
