@@ -146,3 +146,34 @@ def test_flops_budget_is_met():
     pruned = materialize(mm)
     f = flops_per_token(shape_of(pruned), 64)
     assert f <= budget.target_size(mm.dense) and f >= 0.99 * budget.target_size(mm.dense)
+
+
+@pytest.mark.parametrize("family,head,structures", [
+    ("llama", "lm", STRUCTURES), ("bert", "cls", ("neurons", "ffn")), ("gpt2", "lm", ("neurons",))])
+def test_uniform_export_loads_with_stock_classes(tmp_path, family, head, structures):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from vtrans.masks.decide import decide_uniform
+    from vtrans.masks.materialize import to_stock
+    model = make_tiny(family, head)
+    x = _inputs(family)
+    mm = attach_masks(model, structures)
+    _randomise(mm)
+    budget = Budget("params_ratio", 0.75)
+    d = decide_uniform(mm, budget)
+    assert d["size"] <= d["target"]
+    masked_out = _outputs(model, x)
+    stock = to_stock(materialize(mm))
+    assert not type(stock).__name__.startswith("VTrans")
+    stock.save_pretrained(tmp_path)
+    auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
+    reloaded = auto.from_pretrained(tmp_path).eval()  # stock classes, no trust_remote_code
+    assert type(reloaded).__name__ == type(stock).__name__
+    torch.testing.assert_close(_outputs(reloaded, x), masked_out, rtol=1e-4, atol=1e-4)
+
+
+def test_uniform_export_rejects_hidden_pruning_for_bert():
+    from vtrans.masks.decide import decide_uniform
+    mm = attach_masks(make_tiny("bert", "cls"))
+    with pytest.raises(ValueError, match="uniform export of a bert model can only prune FFN neurons"):
+        decide_uniform(mm, Budget("params_ratio", 0.75))

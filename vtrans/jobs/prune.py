@@ -17,8 +17,8 @@ from ..engine import Engine, fit
 from ..evaluation import classification_metrics, perplexity
 from ..log import RunLogger
 from ..masks.attach import MaskInit, attach_masks
-from ..masks.decide import Budget, check_reachable, decide
-from ..masks.materialize import materialize
+from ..masks.decide import Budget, check_reachable, decide, decide_uniform
+from ..masks.materialize import materialize, to_stock
 from ..models.load import load_config, load_model
 from ..models.pruned_modeling import save_pruned
 from ..models.spec import shape_of
@@ -108,8 +108,10 @@ def run(cfg: Config, out: Path) -> dict:
                   on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans")
     train_time = time.perf_counter() - t_train
 
-    decision = decide(mm, budget)
+    decision = decide_uniform(mm, budget) if cfg.export_uniform else decide(mm, budget)
     pruned = materialize(mm)
+    if cfg.export_uniform:
+        pruned = to_stock(pruned)
     pruned_shape = shape_of(pruned)
     params_dense, params_pruned = model_numel(model_without_masks(mm)), model_numel(pruned)
     target = decision["target"]
@@ -149,7 +151,10 @@ def run(cfg: Config, out: Path) -> dict:
         if not k.startswith("eval_"):
             metrics[f"{k}_pruned"] = v
     model_dir = out / "model"
-    save_pruned(pruned, model_dir)
+    if cfg.export_uniform:
+        pruned.save_pretrained(model_dir)  # stock classes: loads without trust_remote_code
+    else:
+        save_pruned(pruned, model_dir)
     tokenizer.save_pretrained(model_dir)
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start

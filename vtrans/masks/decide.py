@@ -167,3 +167,86 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
         "dense_size": float(budget.size(mm.dense)),
         "shape": shape,
     }
+
+
+def decide_uniform(mm: MaskedModel, budget: Budget) -> dict:
+    """A uniform decision: every layer keeps the same number of heads and FFN neurons (no block or layer is
+    removed), so the pruned model loads with the stock transformers classes. Counts shrink greedily, each
+    step taking the move (one head unit per layer, one neuron per layer, or hidden channels) whose dropped
+    units have the lowest mean importance, until the budget is met; then neurons are added back while they fit.
+    LLaMA-family stock configs need hidden % heads == 0, so the hidden size is rounded down to a multiple
+    of the kept query heads; BERT/GPT-2 stock configs derive head_dim = hidden / heads, so for them only
+    neurons can shrink uniformly."""
+    check_reachable(mm, budget)
+    d = mm.dense
+    fam = d.family
+    if fam != "llama":
+        extra = sorted({m.kind for m in mm.masks().values()} - {"neurons", "ffn", "attention"})
+        if extra:
+            raise ValueError(f"a uniform export of a {fam} model can only prune FFN neurons (stock {fam} configs "
+                             f"derive head_dim from hidden / heads); masked structures {extra} would need the vtrans "
+                             "classes: drop them from mask.structures or export the non-uniform model")
+    L = len(d.layers)
+
+    def ranked(kind):
+        """Per layer, unit indices sorted most important first (None if the structure is not masked)."""
+        out = []
+        for lm in mm.layers:
+            m = getattr(lm, kind)
+            if m is None:
+                return None
+            out.append(torch.argsort(m.importance(), descending=True))
+        return out
+
+    heads_r, neurons_r = ranked("heads"), ranked("neurons")
+    hidden_r = torch.argsort(mm.hidden.importance(), descending=True) if mm.hidden is not None else None
+    kv, n, h = d.layers[0].kv_heads, d.layers[0].intermediate, d.hidden
+    group = mm.group
+
+    def shape(kv, n, h):
+        return d.with_counts(h, [LayerShape(kv * group, kv, n) for _ in range(L)])
+
+    def drop_score(kind, k):
+        if kind == "heads":
+            return float(sum(mm.layers[i].heads.importance()[heads_r[i][k - 1]] for i in range(L))) / L
+        if kind == "neurons":
+            return float(sum(mm.layers[i].neurons.importance()[neurons_r[i][k - 1]] for i in range(L))) / L
+        return float(mm.hidden.importance()[hidden_r[k - 1]])
+
+    target = budget.target_size(d)
+    size = lambda kv, n, h: float(budget.size(shape(kv, n, h)))  # noqa: E731
+    while size(kv, n, h) > target:
+        moves = []
+        if heads_r is not None and kv > 1:
+            moves.append((drop_score("heads", kv), "heads"))
+        if neurons_r is not None and n > 1:
+            moves.append((drop_score("neurons", n), "neurons"))
+        if hidden_r is not None and h > kv * group:
+            moves.append((drop_score("hidden", h), "hidden"))
+        if not moves:
+            raise ValueError(f"budget target {target:.4g} is not reachable with a uniform shape")
+        _, kind = min(moves)
+        kv, n, h = kv - (kind == "heads"), n - (kind == "neurons"), h - (kind == "hidden")
+    if fam == "llama" and hidden_r is not None:
+        h -= h % (kv * group)
+    while neurons_r is not None and n < d.layers[0].intermediate and size(kv, n + 1, h) <= target:
+        n += 1
+    with torch.no_grad():
+        for i, lm in enumerate(mm.layers):
+            for kind, ranks, k in (("heads", heads_r, kv), ("neurons", neurons_r, n)):
+                m = getattr(lm, kind)
+                if m is not None:
+                    keep = torch.zeros(m.n, dtype=torch.bool)
+                    keep[ranks[i][:k].cpu()] = True
+                    m.decide(keep)
+            for kind in ("attention", "ffn"):
+                m = getattr(lm, kind)
+                if m is not None:
+                    m.decide(torch.ones(1, dtype=torch.bool))
+        if mm.hidden is not None:
+            keep = torch.zeros(mm.hidden.n, dtype=torch.bool)
+            keep[hidden_r[:h].cpu()] = True
+            mm.hidden.decide(keep)
+    s = shape(kv, n, h)
+    return {"target": target, "size": float(budget.size(s)), "threshold_size": float("nan"),
+            "dense_size": float(budget.size(d)), "shape": s}

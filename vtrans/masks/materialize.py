@@ -239,3 +239,50 @@ def _layer_kept(mm: MaskedModel, i: int) -> bool:
         neurons = False
     return heads or neurons
 
+
+
+STOCK_CLASSES = {
+    ("llama", "none"): "LlamaModel", ("llama", "lm"): "LlamaForCausalLM",
+    ("llama", "cls"): "LlamaForSequenceClassification",
+    ("bert", "none"): "BertModel", ("bert", "cls"): "BertForSequenceClassification",
+    ("bert", "qa"): "BertForQuestionAnswering",
+    ("roberta", "none"): "RobertaModel", ("roberta", "cls"): "RobertaForSequenceClassification",
+    ("roberta", "qa"): "RobertaForQuestionAnswering",
+    ("gpt2", "none"): "GPT2Model", ("gpt2", "lm"): "GPT2LMHeadModel", ("gpt2", "cls"): "GPT2ForSequenceClassification",
+}
+
+
+def to_stock(pruned):
+    """A uniformly pruned vtrans model as the stock transformers class (loads without trust_remote_code)."""
+    import transformers
+
+    from ..models.spec import head_kind, SPECS, shape_of
+
+    shape = shape_of(pruned)
+    layers = shape.layers
+    if any((l.heads, l.kv_heads, l.intermediate) != (layers[0].heads, layers[0].kv_heads, layers[0].intermediate)
+           for l in layers):
+        raise ValueError(f"the pruned shape is not uniform ({shape.summary()}); decide with a uniform decision "
+                         "(export_uniform=true) to export stock classes")
+    fam = shape.family
+    c = pruned.config.to_dict()
+    for k in ("model_type", "auto_map", "architectures", "transformers_version", "vtrans_layers",
+              "vtrans_pooler_dim"):
+        c.pop(k, None)
+    l0 = layers[0]
+    if fam == "llama":
+        c.update(num_attention_heads=l0.heads, num_key_value_heads=l0.kv_heads, intermediate_size=l0.intermediate,
+                 head_dim=shape.head_dim)
+    elif fam == "gpt2":
+        c.pop("head_dim", None)
+        c.update(n_head=l0.heads, n_inner=l0.intermediate)
+    else:
+        c.pop("head_dim", None)
+        c.update(num_attention_heads=l0.heads, intermediate_size=l0.intermediate)
+    config_cls = getattr(transformers, {"llama": "LlamaConfig", "bert": "BertConfig", "roberta": "RobertaConfig",
+                                        "gpt2": "GPT2Config"}[fam])
+    config = config_cls(**c)
+    cls = getattr(transformers, STOCK_CLASSES[(fam, head_kind(pruned, SPECS[fam]))])
+    stock = cls(config)
+    stock.load_state_dict(pruned.state_dict(), strict=True)
+    return stock.to(next(pruned.parameters()).dtype).eval()
