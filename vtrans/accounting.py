@@ -12,11 +12,11 @@ import torch
 from .shape import LayerShape, ModelShape
 
 
-def _present(x) -> bool | float:
+def _present(x) -> int:
     """1 for a kept unit count; soft counts are treated as present (the terms they gate are tiny)."""
     if isinstance(x, torch.Tensor):
-        return 1.0
-    return 1.0 if x else 0.0
+        return 1
+    return 1 if x else 0
 
 
 def embedding_params(s: ModelShape):
@@ -35,7 +35,7 @@ def layer_params(s: ModelShape, l: LayerShape):
         ffn = _present(I) * ((d * I + I) + (I * d + d) + 2 * d)
         return attn + ffn
     soft = isinstance(H, torch.Tensor) or isinstance(I, torch.Tensor)
-    present = 1.0 if soft else float(bool(H) or bool(I))
+    present = 1 if soft or H or I else 0
     if s.family == "gpt2":
         attn = (3 * d * H * dh + 3 * H * dh) + H * dh * d + present * d
         ffn = (d * I + I) + I * d + present * d

@@ -95,6 +95,7 @@ def load_documents(
 
 
 def _load_gensim(name: str, source: str) -> Corpus:
+    logging.getLogger("gensim").setLevel(logging.WARNING)  # its test utilities log a dictionary build at import
     try:
         from gensim.test.utils import datapath
     except ImportError as exc:
