@@ -140,6 +140,8 @@ def run(cfg: Config, out: Path) -> dict:
         "flops_pruned": float(flops_per_token(pruned_shape, seq)),
         "threshold_params_ratio": decision["threshold_size"] / decision["dense_size"],
         "shape_pruned": pruned_shape.summary(),
+        "train_documents": n_train_docs,
+        "heldout_documents": n_held_docs,
         "train_steps": oc.steps,
         "train_tokens": oc.steps * oc.grad_accum * oc.batch_size * cfg.data.seq_len,
         "train_time_s": train_time,

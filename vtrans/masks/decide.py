@@ -144,6 +144,7 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
     # 2. add back the most important removed units that still fit
     counts = units.counts(keep)
     current = size(keep)
+    inner = {KIND_CODES["attention"]: KIND_CODES["heads"], KIND_CODES["ffn"]: KIND_CODES["neurons"]}
     for u in order[::-1]:
         if keep[u]:
             continue
@@ -154,8 +155,24 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
         s = float(budget.size(units.shape_from_counts(counts)))
         if current < s <= target:
             keep[u], current = True, s
+            continue
+        trimmed = []
+        if s > target and units.kind[u] in inner:
+            # a whole block re-enters with only as many of its heads / neurons as fit, least important out first
+            sub = [v for v in order if keep[v] and units.kind[v] == inner[units.kind[u]]
+                   and units.layer[v] == units.layer[u]]
+            sub_idx = (inner[units.kind[u]], units.layer[u])
+            while s > target and len(trimmed) < len(sub) - 1:
+                trimmed.append(sub[len(trimmed)])
+                counts[sub_idx] -= 1
+                s = float(budget.size(units.shape_from_counts(counts)))
+        if current < s <= target:
+            keep[u], current = True, s
+            keep[trimmed] = False
         else:
             counts[idx] -= 1
+            if trimmed:
+                counts[sub_idx] += len(trimmed)
     for name, m in mm.masks().items():
         a, b = units.slices[name]
         m.decide(torch.from_numpy(keep[a:b].copy()))

