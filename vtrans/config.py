@@ -17,6 +17,14 @@ METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 STRUCTURES = ("hidden", "heads", "attention", "neurons", "ffn")
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
+# metrics a job can report as its objective (eval.primary); ppl is lower-is-better, the others higher-is-better
+PRIMARY_METRICS = ("", "ppl", "accuracy", "f1", "matthews_corrcoef", "pearson", "spearman", "exact_match",
+                   "lm_eval_mean")
+PRIMARY_BY_TASK = {"causal_lm": ("ppl", "lm_eval_mean"),
+                   "sequence_classification": ("accuracy", "f1", "matthews_corrcoef", "pearson", "spearman"),
+                   "question_answering": ("exact_match", "f1")}
+_SOURCES = ("accepted sources: gensim:<file>, a local .txt/.jsonl/.json/.csv/.tsv file, "
+            "or hf:<dataset>[:<config>]:<split>")
 
 
 def _one_of(name: str, value: Any, accepted) -> None:
@@ -60,6 +68,11 @@ class DataConfig:
     eval_window: int = 0  # perplexity sliding window (0 = independent blocks of seq_len)
     eval_stride: int = 0
     seed: int = 0
+    eval_source: str = ""  # evaluation data: "" = the held-out documents of `source`; else its own source
+    #                        (e.g. hf:nyu-mll/glue:sst2:validation), same syntax and fields as `source`
+    question_field: str = "question"  # question answering (SQuAD layout): the question column
+    context_field: str = "context"  # the passage column
+    answers_field: str = "answers"  # {"text": [...], "answer_start": [...]} per example
 
     def __post_init__(self):
         if not 0 < self.heldout_fraction < 1:
@@ -70,6 +83,14 @@ class DataConfig:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
         if self.eval_stride and not self.eval_window:
             raise ValueError("data.eval_stride is set but data.eval_window is 0; set both or neither")
+        if self.eval_window and not 1 <= (self.eval_stride or self.eval_window // 2) < self.eval_window:
+            raise ValueError(f"data.eval_stride={self.eval_stride} must be in [1, data.eval_window="
+                             f"{self.eval_window})")
+        if not self.source:
+            raise ValueError("data.source is empty; " + _SOURCES)
+        for name in ("max_train_blocks", "max_eval_blocks", "eval_window", "eval_stride"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -83,7 +104,7 @@ class MaskConfig:
     log_sigma2_init: float = -9.0
     log_sigma2_std: float = 0.01
     k: float = 10.0  # sharpness of the soft kept indicator sigmoid(-k * log_alpha) in the budget
-    beta: float = 1e-5  # overall KL weight
+    beta: float = 1e-6  # overall KL weight
     kl_weights: dict[str, float] = field(default_factory=lambda: {
         "hidden": 4.0, "heads": 64.0, "attention": 64.0, "neurons": 1.0, "ffn": 64.0})
     calibration_blocks: int = 32  # one-shot scorers: blocks of training text used to score
@@ -123,10 +144,10 @@ class BudgetConfig:
 
 @dataclass
 class OptimConfig:
-    steps: int = 120  # mask-training steps (optimizer steps)
+    steps: int = 100  # mask-training steps (optimizer steps)
     batch_size: int = 4
     grad_accum: int = 1
-    mask_lr: float = 0.1
+    mask_lr: float = 0.05
     weight_lr: float = 2e-5  # used by the vtrans / fast variants and fine-tuning
     lambda_lr: float = 0.1  # Lagrange multipliers (gradient ascent)
     distill_lr: float = 1e-3  # layer-distillation map
@@ -161,10 +182,63 @@ class DistillConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Recovery fine-tuning of the materialised model, distilled from the dense teacher."""
-    steps: int = 0  # 0 = no recovery fine-tuning after pruning
+    """Recovery fine-tuning of a pruned model (job=finetune: the one in `model_dir`), distilled from the dense
+    teacher (`model`) with the `distill` weights; data, gradient accumulation, clipping and logging from `data`
+    and `optim`."""
+    steps: int = 0  # 0 = no recovery fine-tuning after pruning; job=finetune needs >= 1
     lr: float = 5e-5
     batch_size: int = 4
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"finetune.steps={self.steps} must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"finetune.lr={self.lr} must be > 0")
+        if self.batch_size < 1:
+            raise ValueError(f"finetune.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """What evaluation reports (job=evaluate, and the objective of every job). Metrics per task: causal LM
+    perplexity (window / stride from `data`) and optional zero-shot tasks through lm-evaluation-harness;
+    classification accuracy / F1 / Matthews (GLUE), regression Pearson / Spearman (num_labels=1, STS-B);
+    question answering exact match / F1 with SQuAD v1.1's answer normalisation."""
+    primary: str = ""  # the objective (the sweep's trade-off y axis); "" = the task's own:
+    #                    ppl | accuracy | pearson (num_labels=1) | f1 (QA)
+    batch_size: int = 8
+    max_examples: int = 0  # evaluation examples (sentences, QA questions) used; 0 = all
+    lm_eval_tasks: list[str] = field(default_factory=list)  # zero-shot lm-eval tasks (pip install lm-eval); causal LMs
+    lm_eval_num_fewshot: int = 0
+    lm_eval_limit: int = 0  # examples per lm-eval task; 0 = all
+    qa_doc_stride: int = 128  # overlap of the windows a long SQuAD context is cut into (tokens)
+    qa_max_answer_len: int = 30  # longest predicted answer span (tokens)
+    qa_n_best: int = 20  # start / end candidates per window
+
+    def __post_init__(self):
+        _one_of("eval.primary", self.primary, PRIMARY_METRICS)
+        for name in ("batch_size", "qa_doc_stride", "qa_max_answer_len", "qa_n_best"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_examples", "lm_eval_num_fewshot", "lm_eval_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0")
+        if self.primary == "lm_eval_mean" and not self.lm_eval_tasks:
+            raise ValueError("eval.primary=lm_eval_mean needs eval.lm_eval_tasks")
+
+
+@dataclass
+class ProbeConfig:
+    """The attention probe (job=probe): for every head of the dense `model`, the share of attention on special
+    tokens, on the current token and on the rest, compared between the heads a pruned model keeps and drops."""
+    decision: str = ""  # JSON {"kept_heads": [[query-head indices] per dense layer]}; "" = read them off `model_dir`
+    max_examples: int = 64  # evaluation documents probed (each truncated to data.seq_len tokens)
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.max_examples < 1 or self.batch_size < 1:
+            raise ValueError(f"probe.max_examples={self.max_examples} and probe.batch_size={self.batch_size} "
+                             "must be >= 1")
 
 
 @dataclass
@@ -194,11 +268,14 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
+    """Weights & Biases on rank 0 (conf/logger/wandb.yaml), or nothing (conf/logger/none.yaml)."""
     kind: str = "none"  # none | wandb
     project: str = "vtrans"
-    group: str = ""
-    name: str = ""
-    mode: str = "offline"  # wandb mode: offline | online
+    entity: str = ""  # "" = the account's default entity
+    group: str = ""  # "" = in a Hydra multirun, the sweep directory's name (one group per sweep); else none
+    name: str = ""  # "" = in a multirun, the job's overrides (e.g. budget.target=0.5); else W&B's
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # wandb mode: offline (no network; `wandb sync` later) | online | disabled
 
     def __post_init__(self):
         _one_of("logger.kind", self.kind, LOGGERS)
@@ -207,6 +284,9 @@ class LoggerConfig:
 
 @dataclass
 class Config:
+    """A job's whole configuration. Cluster resources are not part of it: they belong to Hydra's launcher group,
+    e.g. `hydra/launcher=submitit_slurm hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8
+    hydra.launcher.tasks_per_node=8 hydra.launcher.timeout_min=600` (see README, "Sweeps")."""
     job: str = "prune"  # prune | finetune | evaluate | export | probe
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,15 +295,33 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     output_dir: str = ""  # "" = the Hydra run directory
+    model_dir: str = ""  # a saved (pruned) model directory, e.g. a prune job's <output_dir>/model: the student of
+    #                      job=finetune, the source of job=export, what job=evaluate scores instead of `model`, and
+    #                      where job=probe reads the kept heads; `model` stays the dense teacher / reference
     export_uniform: bool = False  # export a uniform shape that loads with stock transformers classes
     progress: bool = True  # progress bars on rank 0
 
     def __post_init__(self):
         _one_of("job", self.job, JOBS)
+        if self.job in ("finetune", "export") and not self.model_dir:
+            raise ValueError(f"job={self.job} needs model_dir: the pruned model directory (a prune job's "
+                             "<output_dir>/model)")
+        if self.job == "probe" and not (self.model_dir or self.probe.decision):
+            raise ValueError("job=probe needs model_dir (a pruned model directory) or probe.decision (a kept-heads "
+                             "JSON) to tell kept heads from pruned ones")
+        if self.job == "finetune" and self.finetune.steps < 1:
+            raise ValueError(f"job=finetune needs finetune.steps >= 1, got {self.finetune.steps}")
+        if self.eval.primary and self.eval.primary not in PRIMARY_BY_TASK[self.model.task]:
+            raise ValueError(f"eval.primary={self.eval.primary!r} is not reported for model.task={self.model.task}; "
+                             f"choose one of {list(PRIMARY_BY_TASK[self.model.task])}")
+        if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
+            raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
 
 
 def register() -> None:

@@ -1,37 +1,282 @@
-"""Rank-0 experiment logging: Weights & Biases (offline by default) or nothing; plus the console summary."""
+"""Rank-0 experiment logging: Weights & Biases (offline by default) or nothing. Also the per-layer structure
+table and heatmap (retained heads / neurons / hidden channels) that jobs log to W&B and write to their folder."""
 from __future__ import annotations
 
+import csv
 import logging
-import os
+import math
+import re
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("vtrans")
 
+STRUCTURE_COLUMNS = ("layer", "heads", "heads_dense", "kv_heads", "kv_heads_dense", "neurons", "neurons_dense",
+                     "hidden", "hidden_dense")
+
+
+# ---------------------------------------------------------------------------------------------- sweep context
+
+
+def sweep_context() -> dict | None:
+    """{sweep_dir, job_num, overrides} when running as a job of a Hydra multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not running under Hydra
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    swept = swept_keys(hc.sweep.dir)
+    overrides = [o for o in hc.overrides.task if override_key(o) in swept]
+    return {"sweep_dir": str(hc.sweep.dir), "job_num": hc.job.num, "overrides": ",".join(overrides)}
+
+
+def swept_keys(sweep_dir: str | Path) -> set[str]:
+    """The keys a multirun sweeps (e.g. {"budget.target"}), read from <sweep dir>/multirun.yaml, which the
+    launching process writes before any job starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return set()
+    task = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task", default=None) or []
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
+    return {o.get_key_element() for o in parsed if o.is_sweep_override()}
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a sweep: its directory's name, with the date folder in front when the name is a bare
+    time (Hydra's default multirun/<date>/<time>), so sweeps of different days never share a group."""
+    p = Path(sweep_dir)
+    name = p.name or "sweep"
+    if re.fullmatch(r"[\d_.:-]+", name) and p.parent.name:
+        name = f"{p.parent.name}_{name}"
+    return name
+
+
+def _rank() -> int:
+    from .cluster import dist_env
+
+    return dist_env().rank
+
+
+def _scalar(v) -> float | int | None:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, float)):
+        return v
+    if hasattr(v, "item"):  # one-element tensors, numpy scalars
+        try:
+            v = v.item()
+        except (ValueError, RuntimeError):
+            return None
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- the logger
+
 
 class RunLogger:
-    """Logs scalars and summaries to W&B on rank 0 only; a no-op elsewhere or with logger.kind=none."""
+    """Logs to W&B on rank 0 only; a no-op on other ranks and with logger.kind=none.
 
-    def __init__(self, cfg, run_config: dict, out_dir: str, rank: int = 0):
+    `log` takes the training statistics every `optim.log_every` steps (under train/), `structure` the per-layer
+    kept counts (a wandb.Table plus a heatmap image), `summary` the final metrics; `finish` adds the expected-vs-
+    target size chart and closes the run. The run's config is the resolved job config.
+    """
+
+    def __init__(self, cfg, run_config: dict, out_dir: str, rank: int | None = None, job_type: str | None = None):
         self.run = None
-        if cfg.kind != "wandb" or rank != 0:
+        self._wandb = None
+        self._sizes: list[tuple[int, float, float]] = []
+        self._structure_logged = False
+        if cfg.kind != "wandb" or (rank if rank is not None else _rank()) != 0:
             return
         import wandb
 
-        os.environ.setdefault("WANDB_MODE", cfg.mode)
-        self.run = wandb.init(project=cfg.project, group=cfg.group or None, name=cfg.name or None,
-                              dir=out_dir, config=run_config, mode=cfg.mode)
+        sweep = sweep_context()
+        group = cfg.group or (sweep_group(sweep["sweep_dir"]) if sweep else None)
+        name = cfg.name or (sweep["overrides"] or f"job{sweep['job_num']}" if sweep else None)
+        run_config = dict(run_config)
+        if sweep:
+            run_config["sweep"] = sweep
+        self._wandb = wandb
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, group=group, name=name,
+                              job_type=job_type or run_config.get("job"), tags=list(cfg.tags) or None,
+                              dir=str(out_dir), config=run_config, mode=cfg.mode, reinit="finish_previous",
+                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+        self.run.define_metric("train/*", step_metric="train/step")
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        """Training statistics at an optimizer step: task loss, KL, distillation, expected / target size,
+        Lagrange multipliers, learning rates (whatever scalars `values` holds), under train/."""
+        if self.run is None:
+            return
+        scalars = {f"train/{k}": s for k, v in values.items() if (s := _scalar(v)) is not None}
+        scalars["train/step"] = step
+        self.run.log(scalars, step=step)
+        if "expected_ratio" in values and "target_ratio" in values:
+            self._sizes.append((step, float(_scalar(values["expected_ratio"])),
+                                float(_scalar(values["target_ratio"]))))
+
+    def structure(self, rows: list[dict], title: str = "retained structure") -> None:
+        """Per-layer kept heads / neurons / hidden channels: a wandb.Table and a heatmap image."""
+        if self.run is None or not rows:
+            return
+        wandb = self._wandb
+        table = wandb.Table(columns=list(STRUCTURE_COLUMNS),
+                            data=[[r.get(c) for c in STRUCTURE_COLUMNS] for r in rows])
+        figure = structure_figure(rows, title)
+        self.run.log({"structure/table": table, "structure/heatmap": wandb.Image(_to_image(figure)),
+                      "structure/heads_per_layer": wandb.plot.bar(table, "layer", "heads",
+                                                                  title="kept heads per layer")})
+        self._structure_logged = True
 
     def summary(self, values: dict[str, Any]) -> None:
+        """Final metrics (sizes, FLOPs, task metrics, wall times) into the run summary. A prune job's
+        `shape_pruned` becomes the structure table when `structure` was not called."""
+        if self.run is None:
+            return
+        for k, v in values.items():
+            s = _scalar(v)
+            if s is not None and not (isinstance(s, float) and math.isnan(s)):
+                self.run.summary[k] = s
+            elif isinstance(v, str):
+                self.run.summary[k] = v
+        if not self._structure_logged and isinstance(values.get("shape_pruned"), dict):
+            self.structure(rows_from_summary(values["shape_pruned"]), "retained structure (kept layers)")
+
+    def image(self, key: str, path: str | Path) -> None:
         if self.run is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float, str, bool)):
-                    self.run.summary[k] = v
+            self.run.log({key: self._wandb.Image(str(path))})
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        if self.run is not None and rows:
+            columns = list(rows[0])
+            self.run.log({key: self._wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
 
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        if self.run is None:
+            return
+        if self._sizes:
+            steps, expected, target = zip(*self._sizes)
+            self.run.log({"train/size_vs_target": self._wandb.plot.line_series(
+                xs=list(steps), ys=[list(expected), list(target)], keys=["expected size", "target size"],
+                title="model size (share of dense): expected vs target", xname="step")})
+        self.run.finish()
+        self.run = None
+
+
+# ---------------------------------------------------------------------------------------------- structure
+
+
+def rows_from_counts(layers: list[dict], hidden: int, dense_layers: list[dict] | None = None,
+                     dense_hidden: int | None = None) -> list[dict]:
+    """Structure rows from per-layer {"heads", "kv_heads", "intermediate"} counts (and the dense counts)."""
+    rows = []
+    for i, layer in enumerate(layers):
+        dense = dense_layers[i] if dense_layers is not None and i < len(dense_layers) else {}
+        rows.append({"layer": i, "heads": int(layer["heads"]), "heads_dense": _opt_int(dense.get("heads")),
+                     "kv_heads": int(layer["kv_heads"]), "kv_heads_dense": _opt_int(dense.get("kv_heads")),
+                     "neurons": int(layer["intermediate"]), "neurons_dense": _opt_int(dense.get("intermediate")),
+                     "hidden": int(hidden), "hidden_dense": _opt_int(dense_hidden)})
+    return rows
+
+
+def rows_from_summary(summary: dict, dense_summary: dict | None = None) -> list[dict]:
+    """Rows from `ModelShape.summary()` dicts (per kept layer: a prune job's `shape_pruned`)."""
+    def layers(s):
+        return [{"heads": h, "kv_heads": k, "intermediate": n}
+                for h, k, n in zip(s["heads"], s["kv_heads"], s["intermediate"])]
+    return rows_from_counts(layers(summary), summary["hidden"],
+                            layers(dense_summary) if dense_summary else None,
+                            dense_summary["hidden"] if dense_summary else None)
+
+
+def rows_from_masks(mm) -> list[dict]:
+    """Rows per layer of the dense model (removed layers included, as zeros) from a decided MaskedModel."""
+    dense = mm.dense
+    hidden = int(mm.hidden.kept().sum()) if mm.hidden is not None else dense.hidden
+    layers = []
+    for ls, lm in zip(dense.layers, mm.layers):
+        kv = int(lm.heads.kept().sum()) if lm.heads is not None else ls.kv_heads
+        if lm.attention is not None and not bool(lm.attention.kept().all()):
+            kv = 0
+        inter = int(lm.neurons.kept().sum()) if lm.neurons is not None else ls.intermediate
+        if lm.ffn is not None and not bool(lm.ffn.kept().all()):
+            inter = 0
+        layers.append({"heads": kv * mm.group, "kv_heads": kv, "intermediate": inter})
+    dense_layers = [{"heads": l.heads, "kv_heads": l.kv_heads, "intermediate": l.intermediate} for l in dense.layers]
+    return rows_from_counts(layers, hidden, dense_layers, dense.hidden)
+
+
+def _opt_int(v):
+    return None if v is None else int(v)
+
+
+def structure_figure(rows: list[dict], title: str = "retained structure"):
+    """Heatmap: rows heads / neurons / hidden, one column per layer, colour = kept share of the dense count
+    (or the count itself when dense counts are unknown), each cell annotated with the kept count."""
+    from matplotlib.figure import Figure
+
+    kinds = (("heads", "heads_dense"), ("neurons", "neurons_dense"), ("hidden", "hidden_dense"))
+    have_dense = all(r.get(d) for r in rows for _, d in kinds)
+    values = [[(r[k] / r[d]) if have_dense else r[k] for r in rows] for k, d in kinds]
+    if not have_dense:  # scale each kind to its own maximum so the three rows share one colour bar
+        values = [[v / max(max(row), 1) for v in row] for row in values]
+    fig = Figure(figsize=(max(4.0, 0.45 * len(rows) + 2), 2.6))
+    ax = fig.add_subplot()
+    im = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_yticks(range(3), [k for k, _ in kinds])
+    ax.set_xticks(range(len(rows)), [str(r["layer"]) for r in rows])
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    if len(rows) <= 40:
+        for j, r in enumerate(rows):
+            for i, (k, _) in enumerate(kinds):
+                ax.text(j, i, str(r[k]), ha="center", va="center", fontsize=7,
+                        color="white" if values[i][j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="kept share of dense" if have_dense else "kept (share of max)")
+    fig.tight_layout()
+    return fig
+
+
+def _to_image(fig):
+    """A matplotlib Figure as a PIL image (W&B takes it without a temporary file)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def write_structure(rows: list[dict], out_dir: Path, title: str = "retained structure") -> dict[str, str]:
+    """structure.csv and structure.png in `out_dir` (for people without W&B)."""
+    out_dir = Path(out_dir)
+    csv_path, png_path = out_dir / "structure.csv", out_dir / "structure.png"
+    write_csv(rows, csv_path, STRUCTURE_COLUMNS)
+    structure_figure(rows, title).savefig(png_path, dpi=100)
+    return {"structure_csv": str(csv_path), "structure_png": str(png_path)}
+
+
+def write_csv(rows: list[dict], path: Path, columns=None) -> None:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
