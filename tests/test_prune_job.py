@@ -190,3 +190,15 @@ def test_unreachable_target_fails_before_training(tiny_llama_dir, text_file, tmp
     with pytest.raises(ValueError, match="not reachable with the masked structures"):
         run(cfg)
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("method", ["activation", "random"])
+def test_one_shot_baselines_share_the_job_and_the_budget(tiny_llama_dir, text_file, tmp_path, method):
+    cfg = _cfg(tiny_llama_dir, tmp_path, source=str(text_file), mask__method=method,
+               budget__count_embeddings=False)
+    metrics = run(cfg)
+    assert metrics["method"] == method and metrics["variant"] == "one-shot"
+    counted = metrics["params_pruned_no_embeddings"]
+    assert 0.99 * metrics["budget_target_size"] <= counted <= metrics["budget_target_size"]
+    decision = json.loads((tmp_path / "model" / "vtrans_decision.json").read_text())
+    assert len(decision["kept_heads"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -12,17 +13,21 @@ import torch
 
 from .. import data as D
 from ..accounting import flops_per_token, model_numel, param_count
+from ..cluster import dist_env
 from ..config import Config
-from ..engine import Engine, fit
+from ..checkpoint import Checkpointer, batch_stream
+from ..engine import fit, make_engine
 from ..evaluation import classification_metrics, perplexity
-from ..log import RunLogger
+from ..log import RunLogger, rows_from_masks
 from ..masks.attach import MaskInit, attach_masks
 from ..masks.decide import Budget, check_reachable, decide, decide_uniform
 from ..masks.materialize import materialize, to_stock
+from ..masks.scoring import score_masks
 from ..models.load import load_config, load_model
 from ..models.pruned_modeling import save_pruned
 from ..models.spec import shape_of
 from ..pruning import PruningModule
+from .probe import decision_record
 
 log = logging.getLogger("vtrans")
 FAST_FRACTION = 0.03  # Fast-VTrans trains on about 3 % of the data (the paper)
@@ -75,9 +80,6 @@ def run(cfg: Config, out: Path) -> dict:
     task = cfg.model.task
     # --- checks that need no weights: model family, data source
     hf_config = load_config(cfg.model)
-    if cfg.mask.method != "vib":
-        raise ValueError(f"mask.method={cfg.mask.method!r}: one-shot scorers are run by the baselines bench; "
-                         "the prune job trains VIB masks (mask.method=vib)")
     model, tokenizer = load_model(cfg.model, hf_config)
     train, held, n_train_docs, n_held_docs = prepare_data(cfg, tokenizer, task)
     mc = cfg.mask
@@ -96,19 +98,30 @@ def run(cfg: Config, out: Path) -> dict:
     log.info("dense: %s", _fmt(dense_eval))
 
     oc = cfg.optim
-    module = PruningModule(
-        mm, budget, beta=mc.beta, kl_weights=dict(mc.kl_weights), task_weight=cfg.distill.task_weight,
-        logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
-        layer_weight=cfg.distill.layer_weight, layer_every=cfg.distill.layer_every,
-        warmup_steps=round(cfg.budget.warmup_fraction * oc.steps), train_weights=mc.variant != "faster")
-    engine = Engine(module, module.param_groups(oc.mask_lr, oc.weight_lr, oc.lambda_lr, oc.distill_lr),
-                    grad_accum=oc.grad_accum, clip=oc.clip)
-    t_train = time.perf_counter()
-    history = fit(engine, endless(train, oc.batch_size, oc.seed), oc.steps, oc.grad_accum,
-                  on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans")
-    train_time = time.perf_counter() - t_train
+    if mc.method == "vib":
+        module = PruningModule(
+            mm, budget, beta=mc.beta, kl_weights=dict(mc.kl_weights), task_weight=cfg.distill.task_weight,
+            logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
+            layer_weight=cfg.distill.layer_weight, layer_every=cfg.distill.layer_every,
+            warmup_steps=round(cfg.budget.warmup_fraction * oc.steps), train_weights=mc.variant != "faster")
+        engine = make_engine(module, module.param_groups(oc.mask_lr, oc.weight_lr, oc.lambda_lr, oc.distill_lr), cfg)
+        t_train = time.perf_counter()
+        history = fit(engine, lambda start: batch_stream(train, oc.batch_size, oc.seed, start), oc.steps, oc.grad_accum,
+                      on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans",
+                      checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
+        train_time = time.perf_counter() - t_train
+        engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
+        is_main = engine.is_main
+    else:  # a one-shot baseline: score the units on calibration batches, no training
+        t_train = time.perf_counter()
+        calib = [b for _, b in zip(range(max(1, mc.calibration_blocks // oc.batch_size)),
+                                   endless(train, oc.batch_size, oc.seed))]
+        score_masks(mm, mc.method, calib, seed=oc.seed)
+        history, train_time = [], time.perf_counter() - t_train
+        is_main = dist_env().is_main
 
     decision = decide_uniform(mm, budget) if cfg.export_uniform else decide(mm, budget)
+    logger.structure(rows_from_masks(mm))
     pruned = materialize(mm)
     if cfg.export_uniform:
         pruned = to_stock(pruned)
@@ -124,7 +137,7 @@ def run(cfg: Config, out: Path) -> dict:
 
     seq = cfg.budget.flops_seq_len
     metrics = {
-        "variant": mc.variant,
+        "variant": mc.variant if mc.method == "vib" else "one-shot",
         "method": mc.method,
         "model_family": dense.family,
         "budget_kind": budget.kind,
@@ -145,7 +158,7 @@ def run(cfg: Config, out: Path) -> dict:
         "train_steps": oc.steps,
         "train_tokens": oc.steps * oc.grad_accum * oc.batch_size * cfg.data.seq_len,
         "train_time_s": train_time,
-        "final_loss": history[-1]["loss"],
+        "final_loss": history[-1]["loss"] if history else None,
     }
     for k, v in dense_eval.items():
         metrics[f"{k}_dense" if not k.startswith("eval_") else k] = v
@@ -153,11 +166,13 @@ def run(cfg: Config, out: Path) -> dict:
         if not k.startswith("eval_"):
             metrics[f"{k}_pruned"] = v
     model_dir = out / "model"
-    if cfg.export_uniform:
-        pruned.save_pretrained(model_dir)  # stock classes: loads without trust_remote_code
-    else:
-        save_pruned(pruned, model_dir)
-    tokenizer.save_pretrained(model_dir)
+    if is_main:  # one writer: every rank holds the same pruned model
+        if cfg.export_uniform:
+            pruned.save_pretrained(model_dir)  # stock classes: loads without trust_remote_code
+        else:
+            save_pruned(pruned, model_dir)
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / "vtrans_decision.json").write_text(json.dumps(decision_record(mm)))  # read by the probe job
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
     metrics["objective"] = metrics.get("ppl_pruned", metrics.get("accuracy_pruned"))
@@ -190,8 +205,9 @@ def _print_summary(m: dict) -> None:
         rows.append(("held-out perplexity", f"{m['ppl_dense']:.3f}", f"{m['ppl_pruned']:.3f}"))
     if "accuracy_dense" in m:
         rows.append(("held-out accuracy", f"{m['accuracy_dense']:.4f}", f"{m['accuracy_pruned']:.4f}"))
-    lines = [f"vtrans {m['variant']}-VTrans ({m['method']}): parameter reduction {m['param_reduction']:.1%}, "
-             f"wall time {m['wall_time_s']:.0f} s (mask training {m['train_time_s']:.0f} s)",
+    name = f"{m['variant']}-VTrans" if m["method"] == "vib" else f"one-shot {m['method']} baseline"
+    lines = [f"vtrans {name}: parameter reduction {m['param_reduction']:.1%}, "
+             f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",
              f"{'':24s}{'dense':>16s}{'pruned':>16s}"]
     lines += [f"{a:24s}{b:>16s}{c:>16s}" for a, b, c in rows]
     lines.append(f"pruned model: {m['model_dir']}")
