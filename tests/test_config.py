@@ -62,3 +62,11 @@ def test_bad_values_fail_at_validation(override, match):
     cfg = _compose([override])
     with pytest.raises(ValueError, match=match):
         load_config(cfg)
+
+
+@pytest.mark.parametrize("cluster,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_cluster_group_selects_the_submitit_launcher(cluster, target):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"cluster={cluster}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert load_config(_compose([f"cluster={cluster}"])) == load_config(_compose())  # the job config is unchanged
