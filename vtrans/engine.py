@@ -367,7 +367,7 @@ def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]
             continue
         save_now, stop_now = engine.any_rank(*ckpt.signal_requests())
         if save_now or stop_now or checkpointer.due(step + 1) or step + 1 == steps:
-            reason = "signal" if (save_now or stop_now) else "periodic"
+            reason = "signal" if (save_now or stop_now) else "periodic" if checkpointer.due(step + 1) else "end"
             checkpointer.save(engine, ckpt.TrainState(step=step + 1, samples=samples, history=history), reason)
             ckpt.clear_save_request()
         if stop_now:
