@@ -202,3 +202,24 @@ def test_one_shot_baselines_share_the_job_and_the_budget(tiny_llama_dir, text_fi
     assert 0.99 * metrics["budget_target_size"] <= counted <= metrics["budget_target_size"]
     decision = json.loads((tmp_path / "model" / "vtrans_decision.json").read_text())
     assert len(decision["kept_heads"]) == 2
+
+
+def test_vtrans_variant_distils_from_a_frozen_copy(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    """When weights train, the teacher must not drift with them: the job passes a frozen copy."""
+    import vtrans.jobs.prune as prune_job
+    seen = {}
+    real = prune_job.PruningModule
+
+    def spy(mm, budget, **kw):
+        seen["teacher"] = kw.get("teacher")
+        return real(mm, budget, **kw)
+
+    monkeypatch.setattr(prune_job, "PruningModule", spy)
+    run(_cfg(tiny_llama_dir, tmp_path, source=str(text_file), mask__variant="vtrans", steps=2,
+             budget__count_embeddings=False))
+    t = seen["teacher"]
+    assert t is not None and not any(p.requires_grad for p in t.parameters())
+    assert not any("vib_" in name for name, _ in t.named_modules())  # an unmasked copy
+    run(_cfg(tiny_llama_dir, tmp_path / "f", source=str(text_file), mask__variant="faster", steps=2,
+             budget__count_embeddings=False))
+    assert seen["teacher"] is None  # frozen weights: the same model with masks disabled is the teacher

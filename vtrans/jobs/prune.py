@@ -2,6 +2,7 @@
 -> materialise -> evaluate dense vs pruned -> save the pruned model and its metrics."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -83,6 +84,10 @@ def run(cfg: Config, out: Path) -> dict:
     model, tokenizer = load_model(cfg.model, hf_config)
     train, held, n_train_docs, n_held_docs = prepare_data(cfg, tokenizer, task)
     mc = cfg.mask
+    distills = cfg.distill.logit_weight > 0 or cfg.distill.layer_weight > 0
+    # weights that train need a separate frozen teacher; with frozen weights the model with masks off is the teacher
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if (
+        mc.method == "vib" and mc.variant != "faster" and distills) else None
     mm = attach_masks(model, mc.structures, MaskInit(method=mc.method, mu=mc.mu_init, mu_std=mc.mu_std,
                                                      log_sigma2=mc.log_sigma2_init,
                                                      log_sigma2_std=mc.log_sigma2_std, k=mc.k))
@@ -103,7 +108,8 @@ def run(cfg: Config, out: Path) -> dict:
             mm, budget, beta=mc.beta, kl_weights=dict(mc.kl_weights), task_weight=cfg.distill.task_weight,
             logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
             layer_weight=cfg.distill.layer_weight, layer_every=cfg.distill.layer_every,
-            warmup_steps=round(cfg.budget.warmup_fraction * oc.steps), train_weights=mc.variant != "faster")
+            warmup_steps=round(cfg.budget.warmup_fraction * oc.steps), train_weights=mc.variant != "faster",
+            teacher=teacher)
         engine = make_engine(module, module.param_groups(oc.mask_lr, oc.weight_lr, oc.lambda_lr, oc.distill_lr), cfg)
         t_train = time.perf_counter()
         history = fit(engine, lambda start: batch_stream(train, oc.batch_size, oc.seed, start), oc.steps, oc.grad_accum,
@@ -178,7 +184,8 @@ def run(cfg: Config, out: Path) -> dict:
     metrics["objective"] = metrics.get("ppl_pruned", metrics.get("accuracy_pruned"))
     logger.summary(metrics)
     logger.finish()
-    _print_summary(metrics)
+    if is_main:
+        _print_summary(metrics)
     return metrics
 
 
