@@ -95,10 +95,12 @@ class Lagrangian(nn.Module):
         super().__init__()
         self.lambdas = nn.Parameter(torch.zeros(2))
 
-    def forward(self, expected: torch.Tensor, target: float) -> torch.Tensor:
+    def forward(self, expected: torch.Tensor, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the term, the multipliers' current values): the values are read here, inside the forward, because
+        ZeRO-3 empties a partitioned parameter outside its module's forward."""
         lam = _ReverseGrad.apply(self.lambdas)
         gap = expected - target
-        return lam[0] * gap + lam[1] * gap * gap
+        return lam[0] * gap + lam[1] * gap * gap, self.lambdas.detach().clone()
 
 
 def target_ratio(step: int, warmup_steps: int, final_ratio: float) -> float:

@@ -95,9 +95,8 @@ class PruningModule(nn.Module):
         loss = loss + self.beta * kl
         expected = self.budget.size(self._mm.expected_shape()) / self.dense_size
         target = target_ratio(step, self.warmup_steps, self.final_ratio)
-        lag = self.lagrangian(expected, target)
+        lag, lambdas = self.lagrangian(expected, target)
         loss = loss + lag
         stats.update(kl=kl.detach(), expected_ratio=expected.detach(), target_ratio=torch.tensor(target),
-                     lagrangian=lag.detach(), lambda_1=self.lagrangian.lambdas[0].detach(),
-                     lambda_2=self.lagrangian.lambdas[1].detach(), loss=loss.detach())
+                     lagrangian=lag.detach(), lambda_1=lambdas[0], lambda_2=lambdas[1], loss=loss.detach())
         return loss, stats
