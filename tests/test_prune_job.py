@@ -223,3 +223,26 @@ def test_vtrans_variant_distils_from_a_frozen_copy(tiny_llama_dir, text_file, tm
     run(_cfg(tiny_llama_dir, tmp_path / "f", source=str(text_file), mask__variant="faster", steps=2,
              budget__count_embeddings=False))
     assert seen["teacher"] is None  # frozen weights: the same model with masks disabled is the teacher
+
+
+def test_regression_prune_job_reports_correlations(tmp_path):
+    """STS-B-like regression (num_labels=1, float labels): MSE task loss, Pearson / Spearman metrics."""
+    from transformers import BertConfig, BertForSequenceClassification
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    d = tmp_path / "reg_bert"
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_labels=1,
+                                             max_position_embeddings=64)).save_pretrained(d)
+    tok.save_pretrained(d)
+    from vtrans.data import load_documents
+    docs = load_documents("gensim:pang_lee_polarity.cor")
+    rows = [json.dumps({"text": doc.text, "label": float(len(doc.text.split()) % 5)}) for doc in docs]
+    data = tmp_path / "scores.jsonl"
+    data.write_text("\n".join(rows))
+    cfg = _cfg(d, tmp_path / "out", source=str(data), model__task="sequence_classification",
+               model__num_labels=1, data__heldout_fraction=0.2, budget__target=0.7)
+    metrics = run(cfg)
+    assert -1 <= metrics["pearson_pruned"] <= 1 and -1 <= metrics["spearman_dense"] <= 1
+    assert metrics["objective"] == metrics["pearson_pruned"]
+    assert metrics["params_pruned"] <= metrics["budget_target_size"]

@@ -79,7 +79,11 @@ class PruningModule(nn.Module):
         if self.is_lm:
             task = lm_loss(s_out.logits, inputs["input_ids"], attn)
         else:
-            task = nn.functional.cross_entropy(s_out.logits.float(), batch["labels"])
+            labels = batch["labels"]
+            if labels.is_floating_point():  # regression (e.g. STS-B): one output, mean squared error
+                task = nn.functional.mse_loss(s_out.logits.float().squeeze(-1), labels.float())
+            else:
+                task = nn.functional.cross_entropy(s_out.logits.float(), labels)
         loss = self.task_weight * task
         stats["task_loss"] = task.detach()
         if self.logit_weight > 0:

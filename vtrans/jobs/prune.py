@@ -18,7 +18,7 @@ from ..cluster import dist_env
 from ..config import Config
 from ..checkpoint import Checkpointer, batch_stream
 from ..engine import fit, make_engine
-from ..evaluation import classification_metrics, perplexity
+from ..evaluation import classification_metrics, perplexity, regression_metrics
 from ..log import RunLogger, rows_from_masks
 from ..masks.attach import MaskInit, attach_masks
 from ..masks.decide import Budget, check_reachable, decide, decide_uniform
@@ -71,8 +71,9 @@ def evaluate(model, held, cfg: Config, task: str) -> dict:
                        stride=cfg.data.eval_stride or None)
         return {"ppl": r["ppl"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
                 "eval_window": r["window"] or cfg.data.seq_len, "eval_stride": r["stride"] or cfg.data.seq_len}
-    r = classification_metrics(model, held, batch_size=32)
-    return {k: v for k, v in r.items()}
+    if cfg.model.num_labels == 1:  # regression: Pearson / Spearman
+        return dict(regression_metrics(model, held, batch_size=32))
+    return dict(classification_metrics(model, held, batch_size=32))
 
 
 def run(cfg: Config, out: Path) -> dict:
@@ -181,7 +182,7 @@ def run(cfg: Config, out: Path) -> dict:
         (model_dir / "vtrans_decision.json").write_text(json.dumps(decision_record(mm)))  # read by the probe job
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
-    metrics["objective"] = metrics.get("ppl_pruned", metrics.get("accuracy_pruned"))
+    metrics["objective"] = metrics.get("ppl_pruned", metrics.get("accuracy_pruned", metrics.get("pearson_pruned")))
     logger.summary(metrics)
     logger.finish()
     if is_main:
@@ -212,6 +213,8 @@ def _print_summary(m: dict) -> None:
         rows.append(("held-out perplexity", f"{m['ppl_dense']:.3f}", f"{m['ppl_pruned']:.3f}"))
     if "accuracy_dense" in m:
         rows.append(("held-out accuracy", f"{m['accuracy_dense']:.4f}", f"{m['accuracy_pruned']:.4f}"))
+    if "pearson_dense" in m:
+        rows.append(("held-out Pearson", f"{m['pearson_dense']:.4f}", f"{m['pearson_pruned']:.4f}"))
     name = f"{m['variant']}-VTrans" if m["method"] == "vib" else f"one-shot {m['method']} baseline"
     lines = [f"vtrans {name}: parameter reduction {m['param_reduction']:.1%}, "
              f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",
