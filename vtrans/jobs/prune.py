@@ -133,7 +133,8 @@ def run(cfg: Config, out: Path) -> dict:
     if cfg.export_uniform:
         pruned = to_stock(pruned)
     pruned_shape = shape_of(pruned)
-    params_dense, params_pruned = model_numel(model_without_masks(mm)), model_numel(pruned)
+    mask_numel = sum(p.numel() for m in mm.masks().values() for p in m.parameters())
+    params_dense, params_pruned = model_numel(model) - mask_numel, model_numel(pruned)
     target = decision["target"]
     if budget.kind == "params_ratio" or budget.kind == "params":
         counted = params_pruned if budget.embeddings else model_numel(pruned, embeddings=False)
@@ -188,17 +189,6 @@ def run(cfg: Config, out: Path) -> dict:
     if is_main:
         _print_summary(metrics)
     return metrics
-
-
-def model_without_masks(mm):
-    """A view for counting: the model's parameters other than its masks."""
-    mask_ids = {id(p) for m in mm.masks().values() for p in m.parameters()}
-
-    class _View(torch.nn.Module):
-        def parameters(self, recurse=True):
-            return (p for p in mm.model.parameters() if id(p) not in mask_ids)
-
-    return _View()
 
 
 def _fmt(d: dict) -> str:

@@ -241,22 +241,11 @@ def _layer_kept(mm: MaskedModel, i: int) -> bool:
 
 
 
-STOCK_CLASSES = {
-    ("llama", "none"): "LlamaModel", ("llama", "lm"): "LlamaForCausalLM",
-    ("llama", "cls"): "LlamaForSequenceClassification",
-    ("bert", "none"): "BertModel", ("bert", "cls"): "BertForSequenceClassification",
-    ("bert", "qa"): "BertForQuestionAnswering",
-    ("roberta", "none"): "RobertaModel", ("roberta", "cls"): "RobertaForSequenceClassification",
-    ("roberta", "qa"): "RobertaForQuestionAnswering",
-    ("gpt2", "none"): "GPT2Model", ("gpt2", "lm"): "GPT2LMHeadModel", ("gpt2", "cls"): "GPT2ForSequenceClassification",
-}
-
-
 def to_stock(pruned):
     """A uniformly pruned vtrans model as the stock transformers class (loads without trust_remote_code)."""
     import transformers
 
-    from ..models.spec import head_kind, SPECS, shape_of
+    from ..models.spec import shape_of
 
     shape = shape_of(pruned)
     layers = shape.layers
@@ -282,7 +271,7 @@ def to_stock(pruned):
     config_cls = getattr(transformers, {"llama": "LlamaConfig", "bert": "BertConfig", "roberta": "RobertaConfig",
                                         "gpt2": "GPT2Config"}[fam])
     config = config_cls(**c)
-    cls = getattr(transformers, STOCK_CLASSES[(fam, head_kind(pruned, SPECS[fam]))])
+    cls = getattr(transformers, type(pruned).__name__.removeprefix("VTrans"))  # e.g. VTransLlamaForCausalLM
     stock = cls(config)
     stock.load_state_dict(pruned.state_dict(), strict=True)
     return stock.to(next(pruned.parameters()).dtype).eval()
