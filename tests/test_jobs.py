@@ -129,6 +129,7 @@ def pruned_llama(assets, tmp_path_factory):
     (["eval.primary=bleu"], r"eval.primary='bleu' is not accepted"),
     (["model=minilm", "eval.lm_eval_tasks=[piqa]"], "eval.lm_eval_tasks need a causal LM"),
     (["eval.primary=lm_eval_mean"], "needs eval.lm_eval_tasks"),
+    (["eval.lm_eval_include_path=/tasks"], "eval.lm_eval_include_path is set but eval.lm_eval_tasks is empty"),
     (["data.eval_window=64", "data.eval_stride=64"], r"data.eval_stride=64 must be in \[1, data.eval_window=64\)"),
     (["finetune.lr=0"], r"finetune.lr=0.0 must be > 0"),
     (["probe.max_examples=0"], "probe.max_examples=0"),
@@ -225,56 +226,36 @@ def test_evaluate_squad_reports_exact_match_and_f1(assets, tmp_path):
     assert m["objective_name"] == "f1"
 
 
-def test_squad_normalisation_and_scores_follow_the_official_script():
-    from vtrans.jobs.evaluate import QAExample, f1_answer_score, normalize_answer, squad_scores
+def test_lm_eval_is_optional_and_its_absence_is_named(assets, tmp_path, monkeypatch):
+    import vtrans.jobs.evaluate as evaluate_job
 
-    assert normalize_answer("The  Denver Broncos!") == "denver broncos"
-    assert normalize_answer("an apple, a pear") == "apple pear"
-    assert f1_answer_score("Broncos", "the Denver Broncos") == pytest.approx(2 / 3)
-    assert f1_answer_score("Panthers", "Denver Broncos") == 0.0
-    ex = [QAExample("a", "q", "c", ["Denver Broncos", "The Broncos"], [0, 0]), QAExample("b", "q", "c", ["1990"], [0])]
-    s = squad_scores({"a": "broncos", "b": "in 1990"}, ex)
-    assert s["exact_match"] == pytest.approx(0.5)  # "broncos" == normalised "The Broncos"
-    assert s["f1"] == pytest.approx((1.0 + 2 / 3) / 2)
-
-
-def test_squad_features_locate_answers_and_predictions_recover_them(assets):
-    from vtrans.config import DataConfig
-    from vtrans.jobs.evaluate import normalize_answer, qa_examples, qa_features, squad_predictions
-
-    tok = minilm_tokenizer()
-    examples = qa_examples(str(assets / "squad.jsonl"), DataConfig())
-    train = qa_features(tok, examples, 64, 16, training=True)
-    feats = qa_features(tok, examples, 64, 16, training=False)  # the same windows, with character offsets
-    assert len(train) == len(feats) > len(examples)  # long passages were cut into windows
-    found = 0
-    for f in range(len(train)):
-        s, e = int(train.start_positions[f]), int(train.end_positions[f])
-        if s == 0:
-            continue  # the answer is not in this window
-        found += 1
-        ex = examples[train.example_index[f]]
-        assert ex.context[feats.offsets[f][s][0]: feats.offsets[f][e][1]] == ex.answers[0]
-    assert found >= len(examples)
-    # logits that point at the gold span give back the gold answer
-    start = torch.full((len(feats), 64), -10.0)
-    end = torch.full((len(feats), 64), -10.0)
-    for f in range(len(feats)):
-        if int(train.start_positions[f]):
-            start[f, train.start_positions[f]] = 10.0
-            end[f, train.end_positions[f]] = 10.0
-    preds = squad_predictions(start, end, feats, n_best=5, max_answer_len=30)
-    assert all(normalize_answer(preds[ex.id]) == normalize_answer(ex.answers[0]) for ex in examples)
-
-
-def test_lm_eval_is_optional_and_its_absence_is_named(assets, tmp_path):
-    from vtrans.jobs.evaluate import lm_eval_available
-
-    if lm_eval_available():
-        pytest.skip("lm-eval is installed here")
+    monkeypatch.setattr(evaluate_job, "lm_eval_available", lambda: False)  # as on a machine without lm-eval
     with pytest.raises(ImportError, match=r"pip install lm-eval"):
         run(compose_cfg(lm_overrides(assets, tmp_path, "job=evaluate", "eval.lm_eval_tasks=[piqa]")))
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_local_lm_eval_task_runs_offline_through_the_evaluate_job(assets, tmp_path):
+    """A 20-item multiple-choice task defined by a YAML file over local json (TaskManager include_path): no hub."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    colours = ["red", "green", "blue", "white"]
+    with open(tasks / "items.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"question": f"Snow in story {i} is", "choices": [f" {c}" for c in colours],
+                                "answer": 3 if i % 2 else i % 4}) + "\n")
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: vtrans_tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'items.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    m = run(compose_cfg(lm_overrides(assets, tmp_path / "out", "job=evaluate", "eval.lm_eval_tasks=[vtrans_tiny_mc]",
+                                     f"eval.lm_eval_include_path={tasks}", "eval.primary=lm_eval_mean")))
+    acc = m["lm_eval_vtrans_tiny_mc_acc"]
+    assert isinstance(acc, float) and 0 <= acc <= 1 and acc * 20 == pytest.approx(round(acc * 20))
+    assert m["objective_name"] == "lm_eval_mean" and m["objective"] == acc and m["ppl"] > 1
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["lm_eval_vtrans_tiny_mc_acc"] == acc
 
 
 def test_only_rank_0_writes(assets, tmp_path, monkeypatch):

@@ -177,3 +177,34 @@ def test_uniform_export_rejects_hidden_pruning_for_bert():
     mm = attach_masks(make_tiny("bert", "cls"))
     with pytest.raises(ValueError, match="uniform export of a bert model can only prune FFN neurons"):
         decide_uniform(mm, Budget("params_ratio", 0.75))
+
+
+def test_monotone_decisions_never_readmit_cut_units():
+    """Iterative pruning: a unit cut by an earlier decision was trained without, so a later (smaller) decision
+    keeps a subset of the earlier kept set even when the cut units now rank first."""
+    model = make_tiny("llama", "lm")
+    mm = attach_masks(model)
+    _randomise(mm)
+    decide(mm, Budget("params_ratio", 0.8))
+    first = {name: m.decided.clone() for name, m in mm.masks().items()}
+    with torch.no_grad():  # cut units now look most informative
+        for name, m in mm.masks().items():
+            m.log_sigma2.copy_(torch.where(first[name], torch.zeros(m.n), torch.full((m.n,), -20.0)))
+    d = decide(mm, Budget("params_ratio", 0.6), monotone=True)
+    assert d["size"] <= d["target"]
+    for name, m in mm.masks().items():
+        assert not (m.decided & ~first[name]).any(), name
+    decide(mm, Budget("params_ratio", 0.6))  # without monotone the cut units come back
+    assert any((m.decided & ~first[name]).any() for name, m in mm.masks().items())
+
+
+def test_cut_units_count_as_gone_in_the_soft_size():
+    model = make_tiny("llama", "lm").train()
+    mm = attach_masks(model)
+    decide(mm, Budget("params_ratio", 0.7))
+    model(**_inputs("llama"))
+    for m in mm.masks().values():
+        assert torch.equal(m.last_soft[~m.decided], torch.zeros(int((~m.decided).sum())))
+    full = Budget("params_ratio", 0.7)
+    ratio = float(full.size(mm.expected_shape()).detach()) / float(full.size(mm.dense))
+    assert ratio <= 0.7 + 1e-3

@@ -221,3 +221,33 @@ def test_regression_prune_job_reports_correlations(tmp_path):
     assert -1 <= metrics["pearson_pruned"] <= 1 and -1 <= metrics["spearman_dense"] <= 1
     assert metrics["objective"] == metrics["pearson_pruned"]
     assert metrics["params_pruned"] <= metrics["budget_target_size"]
+
+
+def test_iterative_decisions_ramp_to_the_budget(tiny_llama_dir):
+    """Every N steps the units over the scheduled size are cut from training; the size the objective sees follows
+    the ramp down to the budget, and the cuts are monotone."""
+    from vtrans.engine import Engine, fit
+    from vtrans.jobs.prune import iterative_decisions
+    from vtrans.masks.attach import attach_masks
+    from vtrans.masks.decide import Budget
+    from vtrans.pruning import PruningModule
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    mm = attach_masks(model)
+    budget = Budget("params_ratio", 0.6, embeddings=False)
+    mod = PruningModule(mm, budget, beta=1e-4, kl_weights={}, task_weight=1.0, logit_weight=1.0, temperature=2.0,
+                        layer_weight=0.0, layer_every=1, warmup_steps=6, train_weights=False)
+    eng = Engine(mod, mod.param_groups(0.05, 0.0, 0.1, 0.0))
+    kept_sizes = []
+    decide_hook = iterative_decisions(mm, budget, eng, 6, mod.final_ratio, every=2, steps=10)
+
+    def on_step(step):
+        decide_hook(step)
+        kept_sizes.append(float(budget.size(mm.kept_shape())) / mod.dense_size)
+
+    ids = torch.randint(0, 1000, (2, 16))
+    history = fit(eng, iter([{"input_ids": ids}] * 10), 10, 1, progress=False, on_step=on_step)
+    assert kept_sizes[0] == 1.0  # step 1: no decision yet
+    assert all(a >= b - 1e-9 for a, b in zip(kept_sizes, kept_sizes[1:]))  # shrinking, never growing
+    assert kept_sizes[5] <= 0.6 + 1e-6  # step 6 reaches the budget (end of the ramp)
+    assert history[-1]["expected_ratio"] <= 0.6 + 1e-3  # the objective sees the cut units as gone
+    assert all(bool(m.has_decision) for m in mm.masks().values())

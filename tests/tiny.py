@@ -67,9 +67,9 @@ def tokenizer_dir():
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def save_tiny_with_tokenizer(directory, family: str = "llama", num_labels: int = 2, seed: int = 0):
-    """A tiny random LLaMA (GQA) causal LM or BERT classifier saved with the real tokenizer: a model directory
-    the jobs load like any other (vocab = the tokenizer's 30,522 tokens)."""
+def save_tiny_with_tokenizer(directory, family: str = "llama", num_labels: int = 2, seed: int = 0, head: str = "cls"):
+    """A tiny random LLaMA (GQA) causal LM, or BERT classifier (head="cls") / extractive QA model (head="qa"), saved
+    with the real tokenizer: a model directory the jobs load like any other (vocab = the tokenizer's 30,522 tokens)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
@@ -80,7 +80,8 @@ def save_tiny_with_tokenizer(directory, family: str = "llama", num_labels: int =
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
             tie_word_embeddings=True, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id))
     else:
-        model = BertForSequenceClassification(BertConfig(
+        cls = BertForQuestionAnswering if head == "qa" else BertForSequenceClassification
+        model = cls(BertConfig(
             vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels))
     model.save_pretrained(directory)

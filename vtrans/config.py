@@ -25,6 +25,8 @@ PRIMARY_BY_TASK = {"causal_lm": ("ppl", "lm_eval_mean"),
                    "question_answering": ("exact_match", "f1")}
 _SOURCES = ("accepted sources: gensim:<file>, a local .txt/.jsonl/.json/.csv/.tsv file, "
             "or hf:<dataset>[:<config>]:<split>")
+_QA_SOURCES = ("hf:<dataset>[:<config>]:<split>, a local .json (SQuAD v1.1's nested layout, or flat records) "
+               "or .jsonl file (flat records: id, context, question, answers)")
 
 
 def _one_of(name: str, value: Any, accepted) -> None:
@@ -73,6 +75,7 @@ class DataConfig:
     question_field: str = "question"  # question answering (SQuAD layout): the question column
     context_field: str = "context"  # the passage column
     answers_field: str = "answers"  # {"text": [...], "answer_start": [...]} per example
+    title_field: str = "title"  # the article a passage belongs to (optional): a held-out split keeps articles whole
 
     def __post_init__(self):
         if not 0 < self.heldout_fraction < 1:
@@ -130,6 +133,7 @@ class BudgetConfig:
     count_embeddings: bool = True  # embeddings count in parameter budgets
     flops_seq_len: int = 512  # FLOPs per token are measured at this sequence length
     warmup_fraction: float = 0.2  # the target ramps from dense to final over this share of the steps
+    decide_every: int = 10  # iterative pruning: every N steps the units over the scheduled target are cut (0: only at the end)
 
     def __post_init__(self):
         _one_of("budget.kind", self.kind, BUDGET_KINDS)
@@ -140,6 +144,8 @@ class BudgetConfig:
             raise ValueError(f"budget.target={self.target} must be > 0 for budget.kind={self.kind}")
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"budget.warmup_fraction={self.warmup_fraction} must be in [0, 1]")
+        if self.decide_every < 0:
+            raise ValueError(f"budget.decide_every={self.decide_every} must be >= 0 (0: decide only at the end)")
 
 
 @dataclass
@@ -211,6 +217,8 @@ class EvalConfig:
     lm_eval_tasks: list[str] = field(default_factory=list)  # zero-shot lm-eval tasks (pip install lm-eval); causal LMs
     lm_eval_num_fewshot: int = 0
     lm_eval_limit: int = 0  # examples per lm-eval task; 0 = all
+    lm_eval_include_path: str = ""  # a directory of lm-eval task YAMLs (e.g. local json data: runs offline);
+    #                                 lm_eval_tasks may name tasks defined there as well as lm-eval's own
     qa_doc_stride: int = 128  # overlap of the windows a long SQuAD context is cut into (tokens)
     qa_max_answer_len: int = 30  # longest predicted answer span (tokens)
     qa_n_best: int = 20  # start / end candidates per window
@@ -225,6 +233,8 @@ class EvalConfig:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 0")
         if self.primary == "lm_eval_mean" and not self.lm_eval_tasks:
             raise ValueError("eval.primary=lm_eval_mean needs eval.lm_eval_tasks")
+        if self.lm_eval_include_path and not self.lm_eval_tasks:
+            raise ValueError("eval.lm_eval_include_path is set but eval.lm_eval_tasks is empty; name the tasks to run")
 
 
 @dataclass
@@ -322,6 +332,12 @@ class Config:
                              f"choose one of {list(PRIMARY_BY_TASK[self.model.task])}")
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
+        if self.model.task == "question_answering":
+            for name in ("source", "eval_source"):
+                value = getattr(self.data, name)
+                if value and not (value.startswith("hf:") or value.lower().endswith((".json", ".jsonl"))):
+                    raise ValueError(f"data.{name}={value!r} is not accepted for model.task=question_answering; "
+                                     f"accepted: {_QA_SOURCES}")
 
 
 def register() -> None:

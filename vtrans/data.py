@@ -1,9 +1,11 @@
 """Text data for pruning and evaluation: load documents, split them without leakage, and tokenise them.
 
-Language-model data becomes fixed-length token blocks; classification data becomes padded tensors.
+Language-model data becomes fixed-length token blocks; classification data becomes padded tensors; SQuAD-style
+questions become overlapping windows over their passage with answer-span labels and character offsets.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -150,20 +152,24 @@ def _load_hf(
             f"bad Hugging Face source {source!r}; expected hf:<dataset>[:<config>]:<split>, "
             "e.g. hf:glue:sst2:validation"
         )
+    ds = _hf_dataset(match)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return _dataset_corpus(ds, source, text_field, label_field)
+
+
+def _hf_dataset(match: re.Match):
     name, config, split = match["name"], match["config"], match["split"]
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # network, missing cache, bad config or split: all reported the same way
         offline = OFFLINE_HINT if datasets.config.HF_HUB_OFFLINE else ""
         raise ValueError(
             f"could not load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
             f"{type(exc).__name__}: {exc}.{offline}"
         ) from exc
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return _dataset_corpus(ds, source, text_field, label_field)
 
 
 def _read_text(path: Path) -> str:
@@ -490,9 +496,287 @@ def classification_batches(
     return batches(ClassificationData.from_documents(tokenizer, docs, seq_len), batch_size, shuffle, seed)
 
 
+# ----------------------------------------------------------------------------------------- question answering
+
+QA_SUFFIXES = (".json", ".jsonl")
+ACCEPTED_QA_SOURCES = (
+    "a local .json file (the official nested SQuAD v1.1 layout {\"data\": [{\"title\", \"paragraphs\": [{\"context\", "
+    "\"qas\": [{\"id\", \"question\", \"answers\": [{\"text\", \"answer_start\"}]}]}]}]}, or a list of flat records), "
+    "a .jsonl file of flat records {id, context, question, answers: {text: [...], answer_start: [...]}}, "
+    "or hf:<dataset>[:<config>]:<split> (e.g. hf:rajpurkar/squad:validation)"
+)
+
+
+@dataclass
+class QAExample:
+    """One SQuAD question: the gold answers' texts and character starts in `context`; `title` names the article
+    (empty when the source has none). Splits keep an article's (else a context's) questions together."""
+
+    id: str
+    question: str
+    context: str
+    answers: list[str]
+    answer_starts: list[int]
+    title: str = ""
+
+
+def load_qa_examples(
+    source: str,
+    question_field: str = "question",
+    context_field: str = "context",
+    answers_field: str = "answers",
+    title_field: str = "title",
+    limit: int | None = None,
+) -> list[QAExample]:
+    """SQuAD-layout questions from `source` (see ACCEPTED_QA_SOURCES). The field names apply to flat records (the
+    official nested layout has fixed names); a missing title field means no articles. Question ids must be unique."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"question answering source must be a non-empty string; accepted: {ACCEPTED_QA_SOURCES}")
+    fields = (question_field, context_field, answers_field)
+    if source.startswith("hf:"):
+        match = _HF_SOURCE.match(source[len("hf:"):])
+        if match is None:
+            raise ValueError(f"bad Hugging Face source {source!r}; expected hf:<dataset>[:<config>]:<split>, "
+                             "e.g. hf:rajpurkar/squad:validation")
+        ds = _hf_dataset(match)
+        missing = [f for f in fields if f not in ds.column_names]
+        if missing:
+            raise ValueError(f"{source!r} has no field(s) {missing}; available fields: {ds.column_names} (set "
+                             "data.question_field / data.context_field / data.answers_field)")
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        examples = [_flat_qa_example(row, i, fields, title_field, source) for i, row in enumerate(ds)]
+    else:
+        examples = _local_qa_examples(source, fields, title_field)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise ValueError(f"source {source!r} contains no questions")
+    seen: set[str] = set()
+    for ex in examples:
+        if ex.id in seen:
+            raise ValueError(f"{source!r}: question id {ex.id!r} occurs more than once; ids must be unique")
+        seen.add(ex.id)
+    logger.info("loaded %d questions from %s", len(examples), source)
+    return examples
+
+
+def _local_qa_examples(source: str, fields: tuple[str, str, str], title_field: str) -> list[QAExample]:
+    path = Path(source).expanduser()
+    if path.suffix.lower() not in QA_SUFFIXES:
+        raise ValueError(f"unsupported file type {path.suffix or '(none)'!r} for question answering source "
+                         f"{source!r}; accepted: {ACCEPTED_QA_SOURCES}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; accepted: {ACCEPTED_QA_SOURCES}")
+    text = _read_text(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:  # JSON lines: one record per line
+        value = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    value.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{source!r} line {n} is not a JSON record: {exc}") from exc
+    if isinstance(value, dict) and "data" in value:
+        return _nested_squad_examples(value["data"], source)
+    records = [value] if isinstance(value, dict) else value
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{source!r} holds neither SQuAD's nested layout nor flat records; "
+                         f"accepted: {ACCEPTED_QA_SOURCES}")
+    return [_flat_qa_example(r, i, fields, title_field, source) for i, r in enumerate(records)]
+
+
+def _nested_squad_examples(articles, source: str) -> list[QAExample]:
+    """The official SQuAD v1.1 json: data[i] = {title, paragraphs: [{context, qas: [{id, question, answers}]}]}."""
+    out = []
+    try:
+        for a, article in enumerate(articles):
+            title = str(article.get("title", "")) or f"article-{a}"
+            for paragraph in article["paragraphs"]:
+                context = _as_text(paragraph["context"], source)
+                for qa in paragraph["qas"]:
+                    texts, starts = _answer_lists(qa["answers"], source)
+                    out.append(QAExample(str(qa["id"]), _as_text(qa["question"], source), context, texts, starts,
+                                         title))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{source!r}: malformed SQuAD json ({type(exc).__name__}: {exc}); expected "
+                         "data[i].paragraphs[j] = {context, qas: [{id, question, answers: [{text, answer_start}]}]}"
+                         ) from exc
+    return out
+
+
+def _flat_qa_example(row, index: int, fields: tuple[str, str, str], title_field: str, source: str) -> QAExample:
+    question_field, context_field, answers_field = fields
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise ValueError(f"{source!r} record {index} has no field(s) {missing}; available fields: {sorted(row)} "
+                         "(set data.question_field / data.context_field / data.answers_field)")
+    texts, starts = _answer_lists(row[answers_field], source)
+    title = row.get(title_field) or ""
+    return QAExample(str(row.get("id", index)), _as_text(row[question_field], source),
+                     _as_text(row[context_field], source), texts, starts, str(title))
+
+
+def _answer_lists(answers, source: str) -> tuple[list[str], list[int]]:
+    """{"text": [...], "answer_start": [...]} (the HF layout) or [{"text", "answer_start"}] (the official one)."""
+    if isinstance(answers, dict):
+        texts, starts = list(answers.get("text", [])), list(answers.get("answer_start", []))
+    elif isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
+        texts, starts = [a.get("text") for a in answers], [a.get("answer_start") for a in answers]
+    else:
+        raise ValueError(f"{source!r}: answers must be {{text: [...], answer_start: [...]}} or a list of "
+                         f"{{text, answer_start}}, got {answers!r:.120}")
+    if len(texts) != len(starts) or not all(isinstance(t, str) for t in texts) or \
+            not all(isinstance(s, int) and s >= 0 for s in starts):
+        raise ValueError(f"{source!r}: every answer needs a text and a character answer_start >= 0, got "
+                         f"{answers!r:.120}")
+    return texts, starts
+
+
+def split_qa_examples(
+    examples: Sequence[QAExample], heldout_fraction: float, seed: int
+) -> tuple[list[QAExample], list[QAExample]]:
+    """Split questions into (train, heldout), deterministically for a seed, keeping every article together (every
+    context where there are no titles): no passage is seen on both sides. About round(n * heldout_fraction)
+    questions are held out (whole articles, so not exactly); both parts keep source order."""
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be strictly between 0 and 1, got {heldout_fraction}")
+    groups = _passage_groups(examples)
+    target = max(1, round(len(examples) * heldout_fraction))
+    if len(groups) < 2:
+        raise ValueError(f"cannot split {len(examples)} questions on one article / context into train and held-out "
+                         "parts; use more passages or set data.eval_source")
+    random.Random(seed).shuffle(groups)
+    held: list[int] = []
+    for group in groups:
+        if len(held) + len(group) <= target:
+            held.extend(group)
+        if len(held) == target:
+            break
+    if not held:  # every article is larger than the target: hold out the smallest
+        held = min(groups, key=len)
+    chosen = set(held)
+    return ([ex for i, ex in enumerate(examples) if i not in chosen],
+            [ex for i, ex in enumerate(examples) if i in chosen])
+
+
+def _passage_groups(examples: Sequence[QAExample]) -> list[list[int]]:
+    """Indices of questions that share an article title or a context (transitively), in order of first occurrence."""
+    parent = list(range(len(examples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, ex in enumerate(examples):
+        for key in ((("title", ex.title),) if ex.title else ()) + (("context", ex.context),):
+            a, b = root(i), root(first.setdefault(key, i))
+            parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(examples)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+@dataclass
+class QAFeatures:
+    """SQuAD questions tokenised as [CLS] question [SEP] context window [SEP], one row per window (a long context
+    gives several overlapping windows). `start_positions` / `end_positions` label the first gold answer's tokens
+    (the [CLS] index when the answer is not inside the window); `offsets[f, t]` is the (start, end) character span
+    of context token t in its example's context, (-1, -1) for question, special and padding tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    start_positions: torch.Tensor
+    end_positions: torch.Tensor
+    offsets: torch.Tensor
+    example_index: list[int]
+    examples: list[QAExample]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Model inputs and answer-span labels (the QA models' `start_positions` / `end_positions`)."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+               "start_positions": self.start_positions, "end_positions": self.end_positions}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids
+        return out
+
+
+def qa_features(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[QAExample],
+    seq_len: int,
+    doc_stride: int,
+    max_features: int | None = None,
+) -> QAFeatures:
+    """Tokenise questions with their contexts into windows of `seq_len` tokens (only the context is truncated;
+    consecutive windows share `doc_stride` context tokens, fewer when a long question leaves less room), padded to
+    seq_len. Needs a fast tokenizer (character offsets). At most `max_features` windows are kept."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"question answering needs a fast tokenizer (character offsets); "
+                         f"{type(tokenizer).__name__} is not one")
+    if not examples:
+        raise ValueError("no questions to tokenise")
+    if doc_stride < 1:
+        raise ValueError(f"doc_stride must be >= 1, got {doc_stride}")
+    questions = [ex.question.lstrip() for ex in examples]  # leading blanks would only take window room
+    longest = max(len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"])
+    room = seq_len - tokenizer.num_special_tokens_to_add(pair=True) - longest  # context tokens per window
+    if room < 2:
+        raise ValueError(f"data.seq_len={seq_len} leaves {room} context tokens per window beside the longest "
+                         f"question ({longest} tokens); raise data.seq_len")
+    stride = min(doc_stride, room - 1)
+    if stride < doc_stride:
+        logger.info("doc stride %d lowered to %d: windows of %d tokens hold %d context tokens beside the longest "
+                    "question", doc_stride, stride, seq_len, room)
+    enc = tokenizer(questions, [ex.context for ex in examples], truncation="only_second", max_length=seq_len,
+                    stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+                    padding="max_length")
+    n = len(enc["input_ids"]) if max_features is None else min(max_features, len(enc["input_ids"]))
+    sample = list(enc["overflow_to_sample_mapping"][:n])
+    sequence = torch.tensor([[-1 if s is None else s for s in enc.sequence_ids(f)] for f in range(n)])
+    offsets = torch.tensor(enc["offset_mapping"][:n], dtype=torch.int32).masked_fill(sequence.unsqueeze(-1) != 1, -1)
+    input_ids = torch.tensor(enc["input_ids"][:n], dtype=torch.long)
+    cls_id = tokenizer.cls_token_id
+    cls = (input_ids == cls_id).long().argmax(1) if cls_id is not None else torch.zeros(n, dtype=torch.long)
+    starts, ends = _answer_tokens([examples[i] for i in sample], offsets)
+    missing = starts < 0
+    types = torch.tensor(enc["token_type_ids"][:n], dtype=torch.long) if "token_type_ids" in enc else None
+    return QAFeatures(input_ids, torch.tensor(enc["attention_mask"][:n], dtype=torch.long), types,
+                      torch.where(missing, cls, starts), torch.where(missing, cls, ends), offsets, sample,
+                      list(examples))
+
+
+def _answer_tokens(examples: list[QAExample], offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window, (first, last) token of its example's first gold answer: the context tokens holding the answer's
+    first and last characters; (-1, -1) when the window does not hold the whole answer (or there is none)."""
+    n, length, _ = offsets.shape
+    begin = torch.tensor([ex.answer_starts[0] if ex.answers else -1 for ex in examples])
+    end = torch.tensor([ex.answer_starts[0] + len(ex.answers[0]) if ex.answers else -1 for ex in examples])
+    context = offsets[..., 0] >= 0
+    far = torch.iinfo(offsets.dtype).max
+    inside = (begin >= 0) & context.any(1) \
+        & (offsets[..., 0].masked_fill(~context, far).min(1).values <= begin) \
+        & (offsets[..., 1].masked_fill(~context, -1).max(1).values >= end)
+    position = torch.arange(length).expand(n, length)
+    start = position.masked_fill(~(context & (offsets[..., 0] <= begin[:, None])), -1).max(1).values
+    after = context & (position >= start[:, None]) & (offsets[..., 1] >= end[:, None])
+    stop = position.masked_fill(~after, length).min(1).values
+    return torch.where(inside, start, -1), torch.where(inside, stop, -1)
+
+
 # ----------------------------------------------------------------------------------------- batching
 
-Batchable = Union[torch.Tensor, Mapping[str, torch.Tensor], ClassificationData]
+Batchable = Union[torch.Tensor, Mapping[str, torch.Tensor], ClassificationData, QAFeatures]
 
 
 def batches(
@@ -504,7 +788,7 @@ def batches(
     with start + k * batch_size (same seed) continues exactly where iteration stopped. Use a new
     seed (e.g. seed + epoch) for a new order each epoch. Tensors yield tensors; dicts yield dicts.
     """
-    tensors = data.tensors() if isinstance(data, ClassificationData) else data
+    tensors = data.tensors() if hasattr(data, "tensors") else data  # ClassificationData, QAFeatures
     n = _num_samples(tensors)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -519,7 +803,7 @@ def _num_samples(data: torch.Tensor | Mapping[str, torch.Tensor]) -> int:
         return data.shape[0]
     if not isinstance(data, Mapping) or not data:
         raise ValueError(
-            "data must be a tensor, a non-empty dict of tensors or ClassificationData, "
+            "data must be a tensor, a non-empty dict of tensors, ClassificationData or QAFeatures, "
             f"got {type(data).__name__}"
         )
     sizes = {k: v.shape[0] for k, v in data.items() if v is not None}

@@ -323,13 +323,14 @@ def make_engine(module: nn.Module, param_groups: list[dict], cfg) -> Engine:
 
 def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]], steps: int, grad_accum: int,
         on_log: Callable[[int, dict], None] | None = None, log_every: int = 10, progress: bool = True,
-        desc: str = "prune", checkpointer=None) -> list[dict]:
+        desc: str = "prune", checkpointer=None, on_step: Callable[[int], None] | None = None) -> list[dict]:
     """Run `steps` optimizer steps of `grad_accum` micro-batches; returns the per-step stats.
 
     `batches` is an iterator of global micro-batches, or a function of a sample offset returning one (so that a
     resumed run continues at its data position). With a `checkpointer` (vtrans.checkpoint.Checkpointer) the run
     resumes from its latest checkpoint, saves every N steps, at the end, and on SIGTERM / SIGUSR1 (at the next step
     boundary; SIGTERM then ends the run with `Preempted`). Logging and the progress bar are on rank 0 only.
+    `on_step(step)` runs on every rank after each optimizer step (iterative pruning decisions).
     """
     from tqdm.auto import tqdm
 
@@ -350,6 +351,8 @@ def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]
         micro = [next(batches) for _ in range(grad_accum)]
         samples += sum(_rows(b) for b in micro)
         stats = engine.train_step(micro, step)
+        if on_step is not None:  # e.g. an iterative pruning decision; before the checkpoint, so a resume sees it
+            on_step(step + 1)
         stats["step"] = step + 1
         stats["elapsed_s"] = time.perf_counter() - t0
         history.append(stats)

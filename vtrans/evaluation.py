@@ -1,18 +1,22 @@
 """Evaluation of (pruned) transformers: exact token-level perplexity of causal LMs, and task metrics.
 
-Metric formulas (accuracy, F1, Matthews correlation, Pearson, Spearman) are implemented here with torch.
+Metric formulas (accuracy, F1, Matthews correlation, Pearson, Spearman; SQuAD v1.1 exact match and F1 with the
+official answer normalisation and the usual n-best span post-processing) are implemented here with torch.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
-from collections.abc import Iterator
+import re
+import string
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtrans.data import ClassificationData, batches
+from vtrans.data import ClassificationData, QAExample, QAFeatures, batches
 
 logger = logging.getLogger(__name__)
 
@@ -265,3 +269,107 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     first = torch.cumsum(counts, 0) - counts  # 0-based rank of the first element of each distinct value
     mean_rank = first.double() + (counts.double() + 1) / 2  # 1-based average rank
     return mean_rank[inverse]
+
+
+# ----------------------------------------------------------------------------------------- question answering
+
+_PUNCTUATION = frozenset(string.punctuation)
+_QA_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's official answer normalisation: lower case, punctuation removed, the articles a / an / the
+    removed, whitespace collapsed to single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match_score(prediction: str, truth: str) -> float:
+    """1.0 when the normalised answers are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def f1_answer_score(prediction: str, truth: str) -> float:
+    """Token F1 between the normalised answers (tokens counted with multiplicity); 0.0 without common tokens."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    same = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict:
+    """dict(exact_match, f1, n): the means over the questions of each score's max over the gold answers, as
+    fractions (x100 gives the usual SQuAD numbers). A question without a prediction scores 0."""
+    if not examples:
+        raise ValueError("no questions to score")
+    em = f1 = 0.0
+    for ex in examples:
+        pred = predictions.get(ex.id, "")
+        golds = ex.answers or [""]
+        em += max(exact_match_score(pred, g) for g in golds)
+        f1 += max(f1_answer_score(pred, g) for g in golds)
+    return {"exact_match": em / len(examples), "f1": f1 / len(examples), "n": len(examples)}
+
+
+def squad_predictions(
+    start_logits: torch.Tensor, end_logits: torch.Tensor, feats: QAFeatures, n_best: int = 20,
+    max_answer_len: int = 30,
+) -> dict[str, str]:
+    """The answer text per question id: over all windows of a question, the span with the highest start + end
+    logit among the `n_best` start and `n_best` end candidates of each window that lies inside the context, ends
+    at or after its start and is at most `max_answer_len` tokens long; cut from the context through the offsets.
+    A question without any valid span gets ""."""
+    if start_logits.shape != end_logits.shape or start_logits.shape[0] != len(feats):
+        raise ValueError(f"need start and end logits [{len(feats)}, T], got {tuple(start_logits.shape)} and "
+                         f"{tuple(end_logits.shape)}")
+    best: dict[int, tuple[float, int, int]] = {}  # example index -> (score, first char, end char)
+    context = feats.offsets[..., 0] >= 0
+    for f in range(len(feats)):
+        if not bool(context[f].any()):
+            continue
+        s_log = start_logits[f].float().masked_fill(~context[f], -math.inf)
+        e_log = end_logits[f].float().masked_fill(~context[f], -math.inf)
+        k = min(n_best, int(context[f].sum()))
+        s_val, s_idx = s_log.topk(k)
+        e_val, e_idx = e_log.topk(k)
+        length = e_idx[None, :] - s_idx[:, None] + 1
+        score = (s_val[:, None] + e_val[None, :]).masked_fill((length < 1) | (length > max_answer_len), -math.inf)
+        top = int(score.argmax())
+        value = float(score.flatten()[top])
+        if value == -math.inf:
+            continue
+        s, e = int(s_idx[top // k]), int(e_idx[top % k])
+        ex = feats.example_index[f]
+        if ex not in best or value > best[ex][0]:
+            best[ex] = (value, int(feats.offsets[f, s, 0]), int(feats.offsets[f, e, 1]))
+    out = {}
+    for i, ex in enumerate(feats.examples):
+        if i in best:
+            _, a, b = best[i]
+            out[ex.id] = ex.context[a:b]
+        else:
+            out[ex.id] = ""
+    return out
+
+
+def qa_logits(model: nn.Module, feats: QAFeatures, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (start, end) logits [N, T] on every window, in order (eval mode, no grad, CPU float32)."""
+    device = _device(model)
+    starts, ends = [], []
+    with _eval_mode(model), torch.no_grad():
+        for batch in batches(feats, batch_size, shuffle=False):
+            out = model(**{k: v.to(device) for k, v in batch.items() if k in _QA_INPUTS})
+            starts.append(out.start_logits.float().cpu())
+            ends.append(out.end_logits.float().cpu())
+    return torch.cat(starts), torch.cat(ends)
+
+
+
+def qa_metrics(model: nn.Module, feats: QAFeatures, batch_size: int = 32, n_best: int = 20,
+               max_answer_len: int = 30) -> dict:
+    """dict(exact_match, f1, n) of a question-answering model's predicted spans (see `squad_predictions`)."""
+    start, end = qa_logits(model, feats, batch_size)
+    return squad_scores(squad_predictions(start, end, feats, n_best, max_answer_len), feats.examples)

@@ -30,6 +30,7 @@ class PruningModule(nn.Module):
         self.task_weight, self.logit_weight, self.layer_weight = task_weight, logit_weight, layer_weight
         self.temperature, self.warmup_steps = temperature, warmup_steps
         self.is_lm = mm.dense.head == "lm"
+        self.is_qa = mm.dense.head == "qa"  # extractive QA: start / end logits over the tokens
         for p in self.model.parameters():
             p.requires_grad_(train_weights)
         for p in mm.mask_parameters() if mm.masks() else []:
@@ -78,6 +79,9 @@ class PruningModule(nn.Module):
         stats = {}
         if self.is_lm:
             task = lm_loss(s_out.logits, inputs["input_ids"], attn)
+        elif self.is_qa:  # cross-entropy of the answer's first and last token, averaged (BERT's SQuAD loss)
+            task = 0.5 * (nn.functional.cross_entropy(s_out.start_logits.float(), batch["start_positions"])
+                          + nn.functional.cross_entropy(s_out.end_logits.float(), batch["end_positions"]))
         else:
             labels = batch["labels"]
             if labels.is_floating_point():  # regression (e.g. STS-B): one output, mean squared error
@@ -87,8 +91,12 @@ class PruningModule(nn.Module):
         loss = self.task_weight * task
         stats["task_loss"] = task.detach()
         if self.logit_weight > 0:
-            tok_mask = attn.float() if (attn is not None and self.is_lm) else None
-            distill = logit_distill(s_out.logits, t_out.logits, self.temperature, tok_mask)
+            if self.is_qa:  # the teacher's distributions over the answer's start and end token
+                distill = 0.5 * (logit_distill(s_out.start_logits, t_out.start_logits, self.temperature)
+                                 + logit_distill(s_out.end_logits, t_out.end_logits, self.temperature))
+            else:
+                tok_mask = attn.float() if (attn is not None and self.is_lm) else None
+                distill = logit_distill(s_out.logits, t_out.logits, self.temperature, tok_mask)
             loss = loss + self.logit_weight * distill
             stats["distill_logit"] = distill.detach()
         if self.layer_distill is not None:

@@ -4,15 +4,12 @@ what the finetune / export / probe jobs share with it: loading models, the evalu
 through lm-evaluation-harness) with a progress bar, and size / FLOPs accounting."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import importlib.util
 import logging
 import math
-import re
-import string
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +17,7 @@ import torch
 from .. import data as D
 from ..accounting import flops_per_token, model_numel, param_count
 from ..config import Config, ModelConfig
-from ..evaluation import classification_metrics, perplexity, regression_metrics
+from ..evaluation import classification_metrics, perplexity, qa_metrics, regression_metrics
 from ..log import RunLogger, rows_from_counts, write_structure
 from ..models.spec import shape_of
 from . import is_main_process, set_objective
@@ -103,11 +100,12 @@ def documents(cfg: Config) -> tuple[list, list]:
     """(train documents, evaluation documents). Without data.eval_source the evaluation documents are the prune
     job's held-out split of data.source (same seed, same split); with it, all of data.source trains."""
     dc = cfg.data
-    if cfg.model.task == "question_answering":
+    if cfg.model.task == "question_answering":  # held-out questions never share an article / passage with training
         train = qa_examples(dc.source, dc)
-        held = qa_examples(dc.eval_source, dc) if dc.eval_source else None
-        if held is None:
-            train, held = _split_list(train, dc.heldout_fraction, dc.seed)
+        if dc.eval_source:
+            held = qa_examples(dc.eval_source, dc)
+        else:
+            train, held = D.split_qa_examples(train, dc.heldout_fraction, dc.seed)
     else:
         docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
         if dc.eval_source:
@@ -122,14 +120,9 @@ def documents(cfg: Config) -> tuple[list, list]:
     return train, held
 
 
-def _split_list(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    import random
-
-    idx = list(range(len(items)))
-    random.Random(seed).shuffle(idx)
-    n = max(1, round(len(items) * fraction))
-    held = set(idx[:n])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+def qa_examples(source: str, dc) -> list[D.QAExample]:
+    """SQuAD-layout questions of a data source, read with the configured field names."""
+    return D.load_qa_examples(source, dc.question_field, dc.context_field, dc.answers_field, dc.title_field)
 
 
 def task_data(cfg: Config, tokenizer, docs: list, training: bool = False):
@@ -140,7 +133,8 @@ def task_data(cfg: Config, tokenizer, docs: list, training: bool = False):
         return D.lm_blocks(tokenizer, docs, dc.seq_len, limit)
     if cfg.model.task == "sequence_classification":
         return D.ClassificationData.from_documents(tokenizer, docs, dc.seq_len)
-    return qa_features(tokenizer, docs, dc.seq_len, cfg.eval.qa_doc_stride, training)
+    return D.qa_features(tokenizer, docs, dc.seq_len, cfg.eval.qa_doc_stride,
+                         (dc.max_train_blocks or None) if training else None)
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -203,13 +197,34 @@ def lm_eval_available() -> bool:
 
 
 def require_lm_eval(cfg: Config) -> None:
-    if cfg.eval.lm_eval_tasks and not lm_eval_available():
+    """Fail before any model is loaded when lm-eval tasks are asked for but cannot run."""
+    ec = cfg.eval
+    if ec.lm_eval_tasks and not lm_eval_available():
         raise ImportError("eval.lm_eval_tasks needs lm-evaluation-harness, an optional dependency that is not "
                           "installed: pip install lm-eval (or set eval.lm_eval_tasks=[])")
+    if ec.lm_eval_include_path and not Path(ec.lm_eval_include_path).expanduser().is_dir():
+        raise FileNotFoundError(f"eval.lm_eval_include_path={ec.lm_eval_include_path!r} is not a directory (it should "
+                                "hold lm-eval task YAML files)")
+
+
+def lm_eval_task_manager(ec):
+    """lm-eval's task index: with eval.lm_eval_include_path, the task YAMLs found there, and lm-eval's own tasks
+    only when some requested task is not among them (indexing the ~15k built-in tasks takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if not ec.lm_eval_include_path:
+        return TaskManager()
+    path = str(Path(ec.lm_eval_include_path).expanduser())
+    local = TaskManager(include_path=path, include_defaults=False)
+    if all(t in local.all_tasks for t in ec.lm_eval_tasks):
+        return local
+    return TaskManager(include_path=path)
 
 
 def lm_eval_metrics(model, tokenizer, cfg: Config) -> dict:
-    """Zero-shot (or few-shot) accuracy on eval.lm_eval_tasks through lm-evaluation-harness (imported lazily)."""
+    """Zero-shot (or few-shot) accuracy on eval.lm_eval_tasks through lm-evaluation-harness (imported lazily): its
+    own tasks by name (their data comes from the hub), or tasks defined by YAML files in eval.lm_eval_include_path
+    (e.g. `dataset_path: json` with local `data_files`, which runs offline)."""
     ec = cfg.eval
     if not ec.lm_eval_tasks:
         return {}
@@ -217,9 +232,18 @@ def lm_eval_metrics(model, tokenizer, cfg: Config) -> dict:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ec.batch_size)
+    prefix = None  # lm-eval prefixes contexts with BOS, else EOS; a tokenizer with neither takes the model's own
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        prefix = next((t for t in (getattr(model.config, "bos_token_id", None),
+                                   getattr(model.config, "eos_token_id", None)) if isinstance(t, int)), None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ec.batch_size, prefix_token_id=prefix)
+    tasks = lm_eval_task_manager(ec)
+    unknown = [t for t in ec.lm_eval_tasks if t not in tasks.all_tasks]
+    if unknown:
+        where = f" or in eval.lm_eval_include_path={ec.lm_eval_include_path!r}" if ec.lm_eval_include_path else ""
+        raise ValueError(f"eval.lm_eval_tasks: {unknown} are not lm-eval tasks{where}")
     results = lm_eval.simple_evaluate(model=lm, tasks=list(ec.lm_eval_tasks), num_fewshot=ec.lm_eval_num_fewshot,
-                                      limit=ec.lm_eval_limit or None)["results"]
+                                      limit=ec.lm_eval_limit or None, task_manager=tasks)["results"]
     out, accs = {}, []
     for task, r in results.items():
         for key, value in r.items():
@@ -236,190 +260,11 @@ def lm_eval_metrics(model, tokenizer, cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------- SQuAD
 
 
-@dataclass
-class QAExample:
-    id: str
-    question: str
-    context: str
-    answers: list[str]
-    answer_starts: list[int]
-
-
-def qa_examples(source: str, dc) -> list[QAExample]:
-    """SQuAD-layout examples from hf:<name>[:<config>]:<split> or a local .jsonl / .json file."""
-    import datasets
-
-    if source.startswith("hf:"):
-        parts = source[3:].split(":")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"bad Hugging Face source {source!r}; expected hf:<dataset>[:<config>]:<split>, "
-                             "e.g. hf:rajpurkar/squad:validation")
-        name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-        try:
-            ds = datasets.load_dataset(name, config, split=split)
-        except Exception as e:  # network, cache, config or split: reported the same way
-            raise ValueError(f"could not load Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
-                             f"{type(e).__name__}: {e}") from e
-    else:
-        path = Path(source).expanduser()
-        if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
-            raise ValueError(f"question answering source {source!r}: expected hf:<dataset>[:<config>]:<split> or "
-                             "an existing .jsonl / .json file with question, context and answers fields")
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
-    missing = [f for f in (dc.question_field, dc.context_field, dc.answers_field) if f not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source!r} has no field(s) {missing}; available: {ds.column_names} (set "
-                         "data.question_field / data.context_field / data.answers_field)")
-    out = []
-    for i, row in enumerate(ds):
-        ans = row[dc.answers_field]
-        texts = list(ans["text"]) if isinstance(ans, dict) else [a["text"] for a in ans]
-        starts = list(ans["answer_start"]) if isinstance(ans, dict) else [a["answer_start"] for a in ans]
-        out.append(QAExample(str(row.get("id", i)), row[dc.question_field], row[dc.context_field], texts, starts))
-    if not out:
-        raise ValueError(f"source {source!r} contains no examples")
-    return out
-
-
-@dataclass
-class QAFeatures:
-    """Tokenised windows of SQuAD examples (HF run_qa layout). Training features carry start/end positions;
-    evaluation features carry the offsets of context tokens and the example each window came from."""
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    token_type_ids: torch.Tensor | None
-    start_positions: torch.Tensor | None
-    end_positions: torch.Tensor | None
-    offsets: list | None
-    example_index: list[int]
-    examples: list[QAExample]
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.token_type_ids is not None:
-            out["token_type_ids"] = self.token_type_ids
-        if self.start_positions is not None:
-            out["start_positions"], out["end_positions"] = self.start_positions, self.end_positions
-        return out
-
-
-def qa_features(tokenizer, examples: list[QAExample], seq_len: int, doc_stride: int, training: bool) -> QAFeatures:
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("question answering needs a fast tokenizer (character offsets)")
-    stride = min(doc_stride, seq_len // 2)  # question first, the context cut into overlapping windows
-    enc = tokenizer([e.question.lstrip() for e in examples], [e.context for e in examples],
-                    truncation="only_second", max_length=seq_len, stride=stride,
-                    return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length")
-    sample_map = enc.pop("overflow_to_sample_mapping")
-    starts, ends, offsets = [], [], []
-    cls_index = 0
-    for i, offs in enumerate(enc["offset_mapping"]):
-        seq_ids = enc.sequence_ids(i)
-        ex = examples[sample_map[i]]
-        context_tokens = [j for j, s in enumerate(seq_ids) if s == 1]
-        offsets.append([o if seq_ids[j] == 1 else None for j, o in enumerate(offs)])
-        if not training:
-            continue
-        a_start = ex.answer_starts[0] if ex.answer_starts else -1
-        a_end = a_start + len(ex.answers[0]) if ex.answers else -1
-        first, last = context_tokens[0], context_tokens[-1]
-        if a_start < 0 or not (offs[first][0] <= a_start and offs[last][1] >= a_end):
-            starts.append(cls_index)
-            ends.append(cls_index)
-            continue
-        s = first
-        while s <= last and offs[s][0] <= a_start:
-            s += 1
-        e = last
-        while e >= first and offs[e][1] >= a_end:
-            e -= 1
-        starts.append(s - 1)
-        ends.append(e + 1)
-    as_t = lambda k: torch.tensor(enc[k], dtype=torch.long) if k in enc else None  # noqa: E731
-    return QAFeatures(as_t("input_ids"), as_t("attention_mask"), as_t("token_type_ids"),
-                      torch.tensor(starts) if training else None, torch.tensor(ends) if training else None,
-                      None if training else offsets, list(sample_map), examples)
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD v1.1's official normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match_score(prediction: str, truth: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(truth))
-
-
-def f1_answer_score(prediction: str, truth: str) -> float:
-    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
-    common = collections.Counter(pred) & collections.Counter(gold)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(gold)
-    return 2 * precision * recall / (precision + recall)
-
-
-def squad_scores(predictions: dict[str, str], examples: list[QAExample]) -> dict:
-    """Exact match and F1 (fractions; x100 for the usual SQuAD numbers), each the max over the gold answers."""
-    em = f1 = 0.0
-    for ex in examples:
-        pred = predictions.get(ex.id, "")
-        golds = ex.answers or [""]
-        em += max(exact_match_score(pred, g) for g in golds)
-        f1 += max(f1_answer_score(pred, g) for g in golds)
-    n = len(examples)
-    return {"exact_match": em / n, "f1": f1 / n, "n": n}
-
-
-def squad_predictions(start_logits: torch.Tensor, end_logits: torch.Tensor, feats: QAFeatures, n_best: int,
-                      max_answer_len: int) -> dict[str, str]:
-    """The best-scoring valid span (start <= end, inside the context, at most max_answer_len tokens) per example."""
-    best: dict[int, tuple[float, str]] = {}
-    for f in range(len(feats)):
-        ex_i = feats.example_index[f]
-        offs = feats.offsets[f]
-        s_log, e_log = start_logits[f], end_logits[f]
-        for s in torch.topk(s_log, min(n_best, s_log.numel())).indices.tolist():
-            for e in torch.topk(e_log, min(n_best, e_log.numel())).indices.tolist():
-                if offs[s] is None or offs[e] is None or e < s or e - s + 1 > max_answer_len:
-                    continue
-                score = float(s_log[s] + e_log[e])
-                if ex_i not in best or score > best[ex_i][0]:
-                    ctx = feats.examples[ex_i].context
-                    best[ex_i] = (score, ctx[offs[s][0]: offs[e][1]])
-    return {ex.id: best.get(i, (0.0, ""))[1] for i, ex in enumerate(feats.examples)}
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Eval mode inside, the model's previous training flag restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def squad_metrics(model, feats: QAFeatures, cfg: Config, desc: str = "evaluate") -> dict:
+def squad_metrics(model, feats: D.QAFeatures, cfg: Config, desc: str = "evaluate") -> dict:
+    """Exact match / F1 of a QA model on tokenised questions (vtrans.evaluation.qa_metrics), with a progress bar."""
     ec = cfg.eval
-    device = next(model.parameters()).device
-    starts, ends = [], []
-    with progress(model, math.ceil(len(feats) / ec.batch_size), f"{desc} (SQuAD)", cfg.progress), \
-            eval_mode(model), torch.no_grad():
-        for b in D.batches(feats.tensors(), ec.batch_size, shuffle=False):
-            out = model(**{k: v.to(device) for k, v in b.items()})
-            starts.append(out.start_logits.float().cpu())
-            ends.append(out.end_logits.float().cpu())
-    preds = squad_predictions(torch.cat(starts), torch.cat(ends), feats, ec.qa_n_best, ec.qa_max_answer_len)
-    return squad_scores(preds, feats.examples)
+    with progress(model, math.ceil(len(feats) / ec.batch_size), f"{desc} (SQuAD)", cfg.progress):
+        return qa_metrics(model, feats, ec.batch_size, ec.qa_n_best, ec.qa_max_answer_len)
 
 
 # ---------------------------------------------------------------------------------------------- the job

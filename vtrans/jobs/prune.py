@@ -18,7 +18,7 @@ from ..cluster import dist_env
 from ..config import Config
 from ..checkpoint import Checkpointer, batch_stream
 from ..engine import fit, make_engine
-from ..evaluation import classification_metrics, perplexity, regression_metrics
+from ..evaluation import classification_metrics, perplexity, qa_metrics, regression_metrics
 from ..log import RunLogger, rows_from_masks
 from ..masks.attach import MaskInit, attach_masks
 from ..masks.decide import Budget, check_reachable, decide, decide_uniform
@@ -27,7 +27,9 @@ from ..masks.scoring import score_masks
 from ..models.load import load_config, load_model
 from ..models.pruned_modeling import save_pruned
 from ..models.spec import shape_of
+from ..objectives import target_ratio
 from ..pruning import PruningModule
+from .evaluate import qa_examples
 from .probe import decision_record
 
 log = logging.getLogger("vtrans")
@@ -40,10 +42,19 @@ def budget_of(cfg: Config) -> Budget:
 
 
 def prepare_data(cfg: Config, tokenizer, task: str):
-    """(train, heldout) tensors; documents are split before tokenising, so the parts never overlap."""
+    """(train, heldout) tensors; documents are split before tokenising, so the parts never overlap. Question
+    answering: SQuAD questions split by article (else passage), or evaluated on data.eval_source when set."""
     dc = cfg.data
-    docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
-    train_docs, held_docs = D.split_documents(docs, dc.heldout_fraction, dc.seed)
+    if task == "question_answering":
+        train_docs = qa_examples(dc.source, dc)
+        if dc.eval_source:
+            held_docs = qa_examples(dc.eval_source, dc)
+        else:
+            train_docs, held_docs = D.split_qa_examples(train_docs, dc.heldout_fraction, dc.seed)
+        held_docs = held_docs[: cfg.eval.max_examples or None]
+    else:
+        docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
+        train_docs, held_docs = D.split_documents(docs, dc.heldout_fraction, dc.seed)
     fraction = dc.train_fraction
     if cfg.mask.variant == "fast" and fraction == 1.0:
         fraction = FAST_FRACTION
@@ -52,6 +63,11 @@ def prepare_data(cfg: Config, tokenizer, task: str):
     if task == "causal_lm":
         train = D.lm_blocks(tokenizer, train_docs, dc.seq_len, dc.max_train_blocks or None)
         held = D.lm_blocks(tokenizer, held_docs, dc.seq_len, dc.max_eval_blocks or None)
+        return train, held, len(train_docs), len(held_docs)
+    if task == "question_answering":  # windows over each passage, labelled with the answer's token span
+        stride = cfg.eval.qa_doc_stride
+        train = D.qa_features(tokenizer, train_docs, dc.seq_len, stride, dc.max_train_blocks or None)
+        held = D.qa_features(tokenizer, held_docs, dc.seq_len, stride)
         return train, held, len(train_docs), len(held_docs)
     train = D.ClassificationData.from_documents(tokenizer, train_docs, dc.seq_len)
     held = D.ClassificationData.from_documents(tokenizer, held_docs, dc.seq_len)
@@ -71,9 +87,40 @@ def evaluate(model, held, cfg: Config, task: str) -> dict:
                        stride=cfg.data.eval_stride or None)
         return {"ppl": r["ppl"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
                 "eval_window": r["window"] or cfg.data.seq_len, "eval_stride": r["stride"] or cfg.data.seq_len}
+    if task == "question_answering":  # SQuAD exact match / F1 of the best span over each question's windows
+        ec = cfg.eval
+        r = qa_metrics(model, held, batch_size=ec.batch_size, n_best=ec.qa_n_best, max_answer_len=ec.qa_max_answer_len)
+        return {"exact_match": r["exact_match"], "f1": r["f1"]}
     if cfg.model.num_labels == 1:  # regression: Pearson / Spearman
         return dict(regression_metrics(model, held, batch_size=32))
     return dict(classification_metrics(model, held, batch_size=32))
+
+
+def iterative_decisions(mm, budget: Budget, engine, warmup_steps: int, final_ratio: float, every: int, steps: int,
+                        uniform: bool = False):
+    """VTrans prunes iteratively: every `every` steps the units over the scheduled size (ramping from dense to the
+    budget over the warm-up) are cut from the training forward (z *= decided), so the remaining units and weights
+    learn to do without them before the final decision. Every rank decides on the same gathered mask values."""
+    if every <= 0:
+        return None
+    dense_size = float(budget.size(mm.dense))
+    absolute = "flops" if budget.kind == "flops" else "params"
+    params = mm.mask_parameters()
+
+    def on_step(step: int) -> None:
+        if step % every or step >= steps:
+            return
+        ratio = target_ratio(step, warmup_steps, final_ratio)
+        if ratio >= 1.0 - 1e-6:
+            return
+        scheduled = Budget(kind=absolute, target=ratio * dense_size, embeddings=budget.embeddings,
+                           seq_len=budget.seq_len)
+        with engine.gathered(params):
+            if uniform:  # the shapes a uniform export allows, so training sees the final kind of model
+                decide_uniform(mm, scheduled)
+            else:
+                decide(mm, scheduled, monotone=True)
+    return on_step
 
 
 def run(cfg: Config, out: Path) -> dict:
@@ -115,7 +162,9 @@ def run(cfg: Config, out: Path) -> dict:
         t_train = time.perf_counter()
         history = fit(engine, lambda start: batch_stream(train, oc.batch_size, oc.seed, start), oc.steps, oc.grad_accum,
                       on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans",
-                      checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
+                      checkpointer=Checkpointer.from_config(cfg.checkpoint, out),
+                      on_step=iterative_decisions(mm, budget, engine, module.warmup_steps, module.final_ratio,
+                                                  cfg.budget.decide_every, oc.steps, cfg.export_uniform))
         train_time = time.perf_counter() - t_train
         engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
         is_main = engine.is_main
@@ -127,7 +176,8 @@ def run(cfg: Config, out: Path) -> dict:
         history, train_time = [], time.perf_counter() - t_train
         is_main = dist_env().is_main
 
-    decision = decide_uniform(mm, budget) if cfg.export_uniform else decide(mm, budget)
+    iterative = mc.method == "vib" and cfg.budget.decide_every > 0 and not cfg.export_uniform
+    decision = decide_uniform(mm, budget) if cfg.export_uniform else decide(mm, budget, monotone=iterative)
     logger.structure(rows_from_masks(mm))
     pruned = materialize(mm)
     if cfg.export_uniform:
@@ -183,7 +233,8 @@ def run(cfg: Config, out: Path) -> dict:
         (model_dir / "vtrans_decision.json").write_text(json.dumps(decision_record(mm)))  # read by the probe job
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
-    metrics["objective"] = metrics.get("ppl_pruned", metrics.get("accuracy_pruned", metrics.get("pearson_pruned")))
+    metrics["objective"] = next((metrics[k] for k in ("ppl_pruned", "accuracy_pruned", "pearson_pruned", "f1_pruned")
+                                 if k in metrics), None)
     logger.summary(metrics)
     logger.finish()
     if is_main:
@@ -205,6 +256,9 @@ def _print_summary(m: dict) -> None:
         rows.append(("held-out accuracy", f"{m['accuracy_dense']:.4f}", f"{m['accuracy_pruned']:.4f}"))
     if "pearson_dense" in m:
         rows.append(("held-out Pearson", f"{m['pearson_dense']:.4f}", f"{m['pearson_pruned']:.4f}"))
+    if "exact_match_dense" in m:
+        rows.append(("held-out exact match", f"{m['exact_match_dense']:.4f}", f"{m['exact_match_pruned']:.4f}"))
+        rows.append(("held-out SQuAD F1", f"{m['f1_dense']:.4f}", f"{m['f1_pruned']:.4f}"))
     name = f"{m['variant']}-VTrans" if m["method"] == "vib" else f"one-shot {m['method']} baseline"
     lines = [f"vtrans {name}: parameter reduction {m['param_reduction']:.1%}, "
              f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",

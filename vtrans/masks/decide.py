@@ -45,7 +45,7 @@ class _Units:
 
     def __init__(self, mm: MaskedModel):
         self.mm, self.dense = mm, mm.dense
-        kinds, layers, imp, self.slices = [], [], [], {}
+        kinds, layers, imp, allowed, self.slices = [], [], [], [], {}
         start = 0
         for name, m in mm.masks().items():
             n = m.n
@@ -53,11 +53,13 @@ class _Units:
             kinds.append(np.full(n, KIND_CODES[m.kind]))
             layers.append(np.full(n, layer))
             imp.append(m.importance().detach().float().cpu().numpy())
+            allowed.append(m.decided.cpu().numpy() if bool(m.has_decision) else np.ones(n, dtype=bool))
             self.slices[name] = (start, start + n)
             start += n
         self.kind = np.concatenate(kinds)
         self.layer = np.concatenate(layers)
         self.importance = np.concatenate(imp)
+        self.allowed = np.concatenate(allowed).astype(bool)  # not cut by an earlier decision
         self.n = start
 
     def counts(self, keep: np.ndarray) -> np.ndarray:
@@ -109,8 +111,9 @@ def check_reachable(mm: MaskedModel, budget: Budget) -> None:
             f"{lo:.4g} ({lo / hi:.1%} of dense). Mask more structures or raise the target.")
 
 
-def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
-    """Choose the kept units, store the decision in the masks, and return a summary."""
+def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone: bool = False) -> dict:
+    """Choose the kept units, store the decision in the masks, and return a summary. With `monotone`, units cut by
+    an earlier decision (iterative pruning) stay cut: they were trained without, so they cannot re-enter."""
     check_reachable(mm, budget)
     units = _Units(mm)
     target = budget.target_size(mm.dense)
@@ -119,6 +122,8 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
         keep = units.importance > 0
     else:
         keep = np.ones(units.n, dtype=bool)
+    if monotone:
+        keep &= units.allowed
     if "hidden" in units.slices and not keep[slice(*units.slices["hidden"])].any():
         keep[units.slices["hidden"][0] + int(np.argmax(units.importance[slice(*units.slices["hidden"])]))] = True
 
@@ -146,7 +151,7 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True) -> dict:
     current = size(keep)
     inner = {KIND_CODES["attention"]: KIND_CODES["heads"], KIND_CODES["ffn"]: KIND_CODES["neurons"]}
     for u in order[::-1]:
-        if keep[u]:
+        if keep[u] or (monotone and not units.allowed[u]):
             continue
         if target - current < 1e-4 * target:
             break

@@ -10,6 +10,7 @@ import torch
 from .spec import family_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QA_FAMILIES = ("bert", "roberta")  # extractive QA heads (qa_outputs on the sequence output) the pruned classes have
 
 
 def resolve_model_source(mc) -> tuple[str, dict]:
@@ -48,7 +49,10 @@ def load_config(mc):
 
     source, kwargs = resolve_model_source(mc)
     config = AutoConfig.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
-    family_of(config)
+    family = family_of(config)
+    if mc.task == "question_answering" and family not in QA_FAMILIES:
+        raise ValueError(f"model.task=question_answering is supported for the model families {list(QA_FAMILIES)}; "
+                         f"{mc.name_or_path or mc.package!r} is a {family!r} model")
     return config
 
 
