@@ -6,6 +6,8 @@ accuracy, parameters, FLOPs, compression wall time) into bench/results/. Usage:
 
     python bench/quality.py                                   # SmolLM2-135M on the Lee corpus, 20 % and 50 %
     python bench/quality.py --budgets 0.8 --methods activation,faster --steps 60
+
+The pruned models stay in --out (runs/quality/<method>-<kept>/model) for bench/speed.py.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from vtrans.jobs import run  # noqa: E402
 
 BASELINES = ("random", "magnitude", "activation", "taylor")
 VARIANTS = ("faster", "fast", "vtrans")
+NAMES = {"faster": "Faster-VTrans", "fast": "Fast-VTrans", "vtrans": "VTrans", "recovery": "VTrans + recovery"}
 
 
 def config(method: str, keep: float, args) -> Config:
@@ -38,44 +41,81 @@ def config(method: str, keep: float, args) -> Config:
         c.mask.method = method
     else:
         c.mask.variant = method
-        if method == "vtrans":
-            c.finetune.steps = args.recovery_steps
     c.output_dir = str(Path(args.out) / f"{method}-{keep}")
     return c
+
+
+def recovery_config(model_dir: str, keep: float, args) -> Config:
+    c = Config()
+    c.job = "finetune"
+    c.model_dir = model_dir
+    c.data.seq_len, c.data.max_eval_blocks = args.seq_len, args.eval_blocks
+    c.finetune.steps, c.finetune.lr = args.recovery_steps, args.recovery_lr
+    c.progress = False
+    c.output_dir = str(Path(args.out) / f"recovery-{keep}")
+    return c
+
+
+def row(keep: float, method: str, m: dict, seconds: float, wall: float) -> dict:
+    return {"budget_kept": keep, "method": method, "params": m["params_pruned"],
+            "param_reduction": round(m["param_reduction"], 4), "ppl_dense": round(m["ppl_dense"], 3),
+            "ppl": round(m["ppl_pruned"], 3), "ppl_ratio": round(m["ppl_pruned"] / m["ppl_dense"], 3),
+            "flops_ratio": round(m["flops_pruned"] / m["flops_dense"], 4), "compression_s": round(seconds, 1),
+            "job_wall_s": round(wall, 1), "model_dir": m.get("model_dir", "")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", default="0.8,0.5", help="kept parameter shares")
-    p.add_argument("--methods", default=",".join(BASELINES + VARIANTS))
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--methods", default=",".join(BASELINES + VARIANTS),
+                   help="baselines and variants; vtrans is followed by recovery fine-tuning unless --recovery-steps 0")
+    p.add_argument("--steps", type=int, default=100, help="mask-training steps of the VTrans variants")
     p.add_argument("--recovery-steps", type=int, default=100)
+    p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-blocks", type=int, default=0)
-    p.add_argument("--out", default="bench/results/quality_runs")
+    p.add_argument("--eval-blocks", type=int, default=0, help="0 = the whole held-out split")
+    p.add_argument("--out", default="runs/quality", help="run directories (pruned models for bench/speed.py)")
+    p.add_argument("--results", default="bench/results", help="where the tables go")
+    p.add_argument("--tag", default="smollm2")
     args = p.parse_args()
     rows = []
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
     for keep in (float(b) for b in args.budgets.split(",")):
         for method in args.methods.split(","):
             t = time.perf_counter()
             m = run(config(method, keep, args))
-            rows.append({"budget_kept": keep, "method": method, "params": m["params_pruned"],
-                         "param_reduction": round(m["param_reduction"], 4), "ppl_dense": round(m["ppl_dense"], 3),
-                         "ppl": round(m["ppl_pruned"], 3), "flops_ratio": round(m["flops_pruned"] / m["flops_dense"], 4),
-                         "compression_s": round(m["train_time_s"], 1), "job_wall_s": round(time.perf_counter() - t, 1)})
+            rows.append(row(keep, method, m, m["train_time_s"], time.perf_counter() - t))
             print(json.dumps(rows[-1]), flush=True)
-    out = Path("bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "quality_smollm2.csv", "w", newline="") as f:
+            if method == "vtrans" and args.recovery_steps > 0:
+                t = time.perf_counter()
+                f = run(recovery_config(m["model_dir"], keep, args))
+                r = dict(m, ppl_pruned=f["ppl_after"], model_dir=f.get("model_dir", ""))
+                rows.append(row(keep, "recovery", r, m["train_time_s"] + f["train_time_s"],
+                                rows[-1]["job_wall_s"] + time.perf_counter() - t))
+                print(json.dumps(rows[-1]), flush=True)
+            _write(rows, out, args, m)
+    print((out / f"quality_{args.tag}.md").read_text())
+
+
+def _write(rows: list[dict], out: Path, args, m: dict) -> None:
+    with open(out / f"quality_{args.tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = ["| kept | method | params | reduction | FLOPs ratio | held-out ppl (dense) | compression s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['budget_kept']} | {r['method']} | {r['params']:,} | {r['param_reduction']:.1%} | "
-              f"{r['flops_ratio']:.3f} | {r['ppl']} ({r['ppl_dense']}) | {r['compression_s']} |" for r in rows]
-    (out / "quality_smollm2.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    protocol = (f"Held-out perplexity: {m.get('eval_protocol', '')}, {m.get('eval_tokens', '?')} tokens of held-out "
+                f"documents never trained on (window {m.get('eval_window')}, stride {m.get('eval_stride')}). VTrans "
+                f"variants: {args.steps} mask-training steps of {m.get('train_tokens', 0) // max(1, args.steps)} tokens; "
+                f"recovery: {args.recovery_steps} fine-tuning steps (lr {args.recovery_lr}) distilled from the dense "
+                "model. Parameters counted with embeddings; compression time = scoring or training (+ recovery).")
+    lines = [protocol, "",
+             "| kept | method | params | reduction | FLOPs ratio | held-out ppl | x dense | compression s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['budget_kept']} | {NAMES.get(r['method'], r['method'])} | {r['params']:,} | "
+                     f"{r['param_reduction']:.1%} | {r['flops_ratio']:.3f} | {r['ppl']:.2f} (dense {r['ppl_dense']:.2f}) "
+                     f"| {r['ppl_ratio']:.2f} | {r['compression_s']} |")
+    (out / f"quality_{args.tag}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

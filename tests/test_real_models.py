@@ -64,6 +64,7 @@ def _check(model, tok, tmp_path, auto_class, ratio=0.8):
     save_pruned(pruned, model_dir)
     tok.save_pretrained(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg  # a de-quantized GGUF source saves (and re-saves) as a plain checkpoint
     assert len(cfg["vtrans_layers"]) == cfg.get("num_hidden_layers")
     assert "auto_map" in cfg
     torch.save(x, tmp_path / "inputs.pt")
@@ -79,6 +80,8 @@ def test_real_smollm2_materialises_reloads_and_generates(tmp_path):
     ids = tok("The capital of France is", return_tensors="pt")
     gen = pruned.generate(**ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+    reloaded, _ = load_model(ModelConfig(package="", name_or_path=str(tmp_path / "pruned"), gguf_file=""))
+    save_pruned(reloaded, tmp_path / "again")  # what the finetune job does with a pruned GGUF-born model
 
 
 def test_real_minilm_classifier_materialises_and_reloads(tmp_path):

@@ -62,7 +62,10 @@ class DataConfig:
     source: str = "gensim:lee_background.cor"  # gensim:<file> | path (.txt/.jsonl/.json/.csv/.tsv) | hf:<name>[:<config>]:<split>
     text_field: str = "text"
     label_field: str = "label"
-    heldout_fraction: float = 0.1  # documents held out for evaluation
+    heldout_fraction: float = 0.1  # documents held out for evaluation (when folds = 0)
+    folds: int = 0  # K-fold cross-validation: K >= 2 holds out fold `fold` of K folds of shuffled document groups
+    #                 (every document is held out in exactly one fold); 0 = a random heldout_fraction split
+    fold: int = 0  # the held-out fold, in [0, folds)
     train_fraction: float = 1.0  # share of the training documents used (Fast-VTrans: ~0.03)
     seq_len: int = 128  # tokens per training / evaluation block
     max_train_blocks: int = 0  # 0 = all
@@ -91,6 +94,15 @@ class DataConfig:
                              f"{self.eval_window})")
         if not self.source:
             raise ValueError("data.source is empty; " + _SOURCES)
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError(f"data.folds={self.folds} must be 0 (a random heldout_fraction split) or >= 2")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise ValueError(f"data.fold={self.fold} must be in [0, data.folds={self.folds})")
+        if not self.folds and self.fold:
+            raise ValueError(f"data.fold={self.fold} is set but data.folds=0; set data.folds >= 2 to cross-validate")
+        if self.folds and self.eval_source:
+            raise ValueError(f"data.folds={self.folds} splits data.source into folds, but data.eval_source="
+                             f"{self.eval_source!r} is set; use one or the other")
         for name in ("max_train_blocks", "max_eval_blocks", "eval_window", "eval_stride"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 0")
@@ -132,8 +144,8 @@ class BudgetConfig:
     target: float = 0.8  # remaining share (params_ratio / flops < 1) or absolute count
     count_embeddings: bool = True  # embeddings count in parameter budgets
     flops_seq_len: int = 512  # FLOPs per token are measured at this sequence length
-    warmup_fraction: float = 0.2  # the target ramps from dense to final over this share of the steps
-    decide_every: int = 10  # iterative pruning: every N steps the units over the scheduled target are cut (0: only at the end)
+    warmup_fraction: float = 0.5  # the target ramps from dense to final over this share of the steps
+    decide_every: int = 5  # iterative pruning: every N steps the units over the scheduled target are cut (0: only at the end)
 
     def __post_init__(self):
         _one_of("budget.kind", self.kind, BUDGET_KINDS)
@@ -333,6 +345,9 @@ class Config:
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
         if self.model.task == "question_answering":
+            if self.data.folds:
+                raise ValueError(f"data.folds={self.data.folds} is not supported for model.task=question_answering "
+                                 "(questions are held out by article with data.heldout_fraction)")
             for name in ("source", "eval_source"):
                 value = getattr(self.data, name)
                 if value and not (value.startswith("hf:") or value.lower().endswith((".json", ".jsonl"))):

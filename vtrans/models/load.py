@@ -74,8 +74,26 @@ def load_model(mc, config=None):
     model = cls.from_pretrained(source, config=config, dtype=_DTYPES[mc.dtype],
                                 trust_remote_code=mc.trust_remote_code, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
+    quant = getattr(model.config, "quantization_config", None)
+    quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if "gguf_file" in kwargs or str(getattr(quant_method, "value", quant_method)) == "gguf":
+        _forget_gguf(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _forget_gguf(model) -> None:
+    """A GGUF checkpoint is de-quantized to ordinary float tensors on load; forget its quantizer so the model (and
+    every pruned or fine-tuned model derived from it) saves as a plain checkpoint and reloads without the GGUF file."""
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, False if attr == "is_quantized" else None)
+            except AttributeError:  # a read-only property derived from hf_quantizer
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
