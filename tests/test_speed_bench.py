@@ -1,0 +1,122 @@
+"""bench/speed.py on tiny LLaMAs pruned through the real path (masks -> decide -> materialise -> save_pruned): a row
+per model with positive numbers, from saved directories and from config.json alone, and static-cache greedy tokens
+equal to eager greedy tokens (including a layer without attention and a layer without FFN). No speed is asserted."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import make_tiny
+from vtrans.masks.attach import attach_masks
+from vtrans.masks.decide import Budget, decide
+from vtrans.masks.materialize import materialize
+from vtrans.models.pruned_modeling import save_pruned
+
+SPEED_PY = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
+_spec = importlib.util.spec_from_file_location("bench_speed", SPEED_PY)  # bench/ is scripts, not a package
+speed = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(speed)
+
+FAST = ["--prompt-lens", "8", "16", "--decode-prompt-len", "5", "--new-tokens", "6", "--repeats", "1",
+        "--warmup", "0", "--device", "cpu"]
+
+
+def _hand_pruned(model):
+    """Layer 0 loses its attention block, layer 1 its FFN, layer 2 one KV head (3 query heads) and some neurons,
+    and the hidden dimension 8 channels."""
+    mm = attach_masks(model)
+    l0, l1, l2 = mm.layers
+    l0.attention.decide(torch.tensor([False]))
+    l1.ffn.decide(torch.tensor([False]))
+    l2.heads.decide(torch.tensor([True, False]))
+    l2.neurons.decide(torch.arange(l2.neurons.n) % 3 != 0)
+    mm.hidden.decide(torch.arange(mm.hidden.n) >= 8)
+    return materialize(mm)
+
+
+def _decided(model, seed=3):
+    """Random importances, decided to half of the parameters by the budget code."""
+    mm = attach_masks(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
+    decide(mm, Budget("params_ratio", 0.5))
+    return materialize(mm)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speed_models")
+    dense = make_tiny("llama")
+    dense.save_pretrained(root / "dense")
+    hand = _hand_pruned(make_tiny("llama"))
+    assert [l["heads"] for l in hand.config.vtrans_layers][:2] == [0, 6]
+    assert hand.config.vtrans_layers[1]["intermediate"] == 0
+    save_pruned(hand, root / "hand" / "model")
+    save_pruned(_decided(make_tiny("llama")), root / "decided" / "model")
+    return [root / "dense", root / "hand" / "model", root / "decided" / "model"]
+
+
+def _check(result, labels):
+    rows = result["rows"]
+    assert [r["model"] for r in rows] == labels
+    for r in rows:
+        assert r["params"] > 0
+        assert all(v > 0 for v in r["gflops_per_token"].values())
+        assert set(r["prefill"]) == {"8", "16"} and all(p["seconds"] > 0 for p in r["prefill"].values())
+        d = r["decode"]["1"]
+        assert d["tokens_per_s"] > 0 and d["eager_tokens_per_s"] > 0
+        assert d["greedy_match"], (r["model"], d["tokens"], d["eager_tokens"])
+        assert len(d["tokens"]) == 7
+    assert rows[1]["params"] < rows[0]["params"] and rows[2]["params"] < rows[0]["params"]
+    lines = [line for line in result["table"].splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + len(labels)  # header + a row per model
+    for label in labels:
+        assert any(line.startswith(f"| {label} ") for line in lines)
+
+
+def test_speed_bench_on_saved_models(model_dirs, tmp_path):
+    out = tmp_path / "speed.md"
+    result = speed.main(["--dense", str(model_dirs[0]), "--pruned", *map(str, model_dirs[1:]), "--no-compile",
+                         "--out", str(out), *FAST])
+    _check(result, ["dense", "hand/model", "decided/model"])
+    assert out.read_text() == result["table"]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["environment"]["dtype"] == "float32" and len(saved["rows"]) == 3
+
+
+def test_speed_bench_from_config_only(model_dirs, tmp_path):
+    cfgs = tmp_path / "cfgs"
+    speed.main(["--dense", str(model_dirs[0]), "--pruned", *map(str, model_dirs[1:]), "--names", "dense", "p1", "p2",
+                "--save-configs", str(cfgs)])
+    assert sorted(p.name for p in (cfgs / "p1").iterdir()) == ["config.json", "pruned_modeling.py"]
+    assert [p.name for p in (cfgs / "dense").iterdir()] == ["config.json"]
+    (cfgs / "p2" / "pruned_modeling.py").unlink()  # config.json alone: vtrans' own classes build it
+    result = speed.main(["--from-config", "--dense", str(cfgs / "dense"), "--pruned", str(cfgs / "p1"),
+                         str(cfgs / "p2"), "--no-compile", *FAST])
+    _check(result, ["dense", "p1", "p2"])
+    assert all(r["random_weights"] for r in result["rows"])
+    assert [r["class"] for r in result["rows"]] == ["LlamaForCausalLM"] + ["VTransLlamaForCausalLM"] * 2
+    # real dense weights next to a pruned shape from its config alone
+    mixed = speed.main(["--dense", str(model_dirs[0]), "--pruned", f"config:{cfgs / 'p1'}", str(model_dirs[2]),
+                        "--no-compile", *FAST])
+    _check(mixed, ["dense", "p1", "decided/model"])
+    assert [r["random_weights"] for r in mixed["rows"]] == [False, True, False]
+    assert "| p1 * |" in mixed["table"]
+    assert result["rows"][1]["shape"] == mixed["rows"][1]["shape"]
+    assert mixed["rows"][1]["params"] == result["rows"][1]["params"]
+
+
+@pytest.mark.slow
+def test_speed_bench_compiled_decode_matches_eager(model_dirs):
+    """torch.compile (inductor on CPU, fullgraph) of the prefill and the static-cache step of the hand-pruned model:
+    its layers without attention and without FFN trace into one graph (~70 s on one CPU thread)."""
+    result = speed.main(["--dense", str(model_dirs[1]), "--compile-prefill", "on", "--prompt-lens", "8", *FAST[3:]])
+    (row,) = result["rows"]
+    d = row["decode"]["1"]
+    assert d["compiled"] and d["fullgraph"] and d["compile_s"] > 0 and d["tokens_per_s"] > 0
+    assert d["greedy_match"], (d["tokens"], d["eager_tokens"])
+    assert row["prefill"]["8"]["compiled"] and row["prefill"]["8"]["fullgraph"]
