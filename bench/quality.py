@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vtrans.config import Config  # noqa: E402
+from vtrans.config import Config, load_config  # noqa: E402
 from vtrans.jobs import run  # noqa: E402
 
 BASELINES = ("random", "magnitude", "activation", "taylor")
@@ -31,29 +31,29 @@ VARIANTS = ("faster", "fast", "vtrans")
 NAMES = {"faster": "Faster-VTrans", "fast": "Fast-VTrans", "vtrans": "VTrans", "recovery": "VTrans + recovery"}
 
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str]) -> Config:
+    """The config a user gets from `python launch.py <overrides>` (the same YAML groups, e.g. conf/mask/fast.yaml)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return load_config(hydra_compose("config", overrides=overrides))
+
+
 def config(method: str, keep: float, args) -> Config:
-    c = Config()
-    c.data.seq_len, c.data.max_eval_blocks = args.seq_len, args.eval_blocks
-    c.budget.target = keep
-    c.optim.steps = args.steps
-    c.progress = False
-    if method in BASELINES:
-        c.mask.method = method
-    else:
-        c.mask.variant = method
-    c.output_dir = str(Path(args.out) / f"{method}-{keep}")
-    return c
+    mask = f"mask.method={method}" if method in BASELINES else f"mask={method}"
+    return compose([mask, f"budget.target={keep}", f"data.seq_len={args.seq_len}",
+                    f"data.max_eval_blocks={args.eval_blocks}", f"optim.steps={args.steps}", "progress=false",
+                    "logger=none", f"output_dir={Path(args.out) / f'{method}-{keep}'}"])
 
 
 def recovery_config(model_dir: str, keep: float, args) -> Config:
-    c = Config()
-    c.job = "finetune"
-    c.model_dir = model_dir
-    c.data.seq_len, c.data.max_eval_blocks = args.seq_len, args.eval_blocks
-    c.finetune.steps, c.finetune.lr = args.recovery_steps, args.recovery_lr
-    c.progress = False
-    c.output_dir = str(Path(args.out) / f"recovery-{keep}")
-    return c
+    return compose(["job=finetune", f"model_dir={model_dir}", f"data.seq_len={args.seq_len}",
+                    f"data.max_eval_blocks={args.eval_blocks}", f"finetune.steps={args.recovery_steps}",
+                    f"finetune.lr={args.recovery_lr}", "progress=false", "logger=none",
+                    f"output_dir={Path(args.out) / f'recovery-{keep}'}"])
 
 
 def row(keep: float, method: str, m: dict, seconds: float, wall: float) -> dict:

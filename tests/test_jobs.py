@@ -285,6 +285,17 @@ def test_finetune_recovers_a_pruned_model_and_saves_it(pruned_llama, assets, tmp
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
 
 
+def test_finetune_a_dense_classifier_on_a_fold_without_a_teacher(assets, tmp_path):
+    """Plain fine-tuning of an unpruned stock model (distill.logit_weight=0: no teacher is loaded) on fold 1 of 4."""
+    overrides = bert_overrides(assets, "bert_cls", "polarity.jsonl", tmp_path, "job=finetune", "model.num_labels=2",
+                               f"model_dir={assets / 'bert_cls'}", "distill.logit_weight=0", "finetune.steps=3",
+                               "finetune.lr=0.001", "data.folds=4", "data.fold=1")
+    m = run(compose_cfg(overrides))
+    assert m["n_before"] == m["n_after"] == 50 and "params_dense" not in m  # a quarter of 200; no teacher sizes
+    assert 0 <= m["accuracy_after"] <= 1 and m["objective_name"] == "accuracy_after"
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
 def test_finetune_question_answering_distils_start_and_end_logits(assets, tmp_path):
     """A pruned BERT QA model (heads and neurons removed) fine-tuned on SQuAD-layout data against its dense teacher."""
     from transformers import AutoModelForQuestionAnswering

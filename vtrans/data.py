@@ -314,6 +314,16 @@ def split_documents(
     return _pick(docs, train), _pick(docs, heldout)
 
 
+def heldout_split(
+    docs: Sequence[Document], heldout_fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> tuple[list[Document], list[Document]]:
+    """(train, heldout) as configured (data.folds / data.fold): fold `fold` of a `folds`-fold split when folds >= 2
+    (across the folds every document is held out exactly once), else a random heldout_fraction split."""
+    if folds:
+        return kfold(docs, folds, fold, seed)
+    return split_documents(docs, heldout_fraction, seed)
+
+
 def subsample(docs: Sequence[Document], fraction: float, seed: int) -> list[Document]:
     """A deterministic random subset of round(len(docs) * fraction) documents (at least one), in order."""
     if not 0.0 < fraction <= 1.0:

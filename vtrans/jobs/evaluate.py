@@ -112,7 +112,7 @@ def documents(cfg: Config) -> tuple[list, list]:
             train = list(docs)
             held = list(D.load_documents(dc.eval_source, text_field=dc.text_field, label_field=dc.label_field))
         else:
-            train, held = D.split_documents(docs, dc.heldout_fraction, dc.seed)
+            train, held = D.heldout_split(docs, dc.heldout_fraction, dc.seed, dc.folds, dc.fold)
     if cfg.data.train_fraction < 1:
         train = D.subsample(train, cfg.data.train_fraction, dc.seed)
     if cfg.eval.max_examples:

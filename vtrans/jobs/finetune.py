@@ -36,8 +36,8 @@ class DistillModule(nn.Module):
         self._teacher = [teacher]  # outside the module tree: frozen, never optimised or sharded with the student
         self.task, self.task_weight, self.logit_weight, self.temperature = task, task_weight, logit_weight, temperature
         self.size_ratio = size_ratio
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        if teacher is not None:  # None with distill.logit_weight=0: plain fine-tuning on the task loss
+            teacher.requires_grad_(False)
 
     def forward(self, batch: dict, step: int):
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

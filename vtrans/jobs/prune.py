@@ -54,7 +54,7 @@ def prepare_data(cfg: Config, tokenizer, task: str):
         held_docs = held_docs[: cfg.eval.max_examples or None]
     else:
         docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
-        train_docs, held_docs = D.split_documents(docs, dc.heldout_fraction, dc.seed)
+        train_docs, held_docs = D.heldout_split(docs, dc.heldout_fraction, dc.seed, dc.folds, dc.fold)
     fraction = dc.train_fraction
     if cfg.mask.variant == "fast" and fraction == 1.0:
         fraction = FAST_FRACTION
