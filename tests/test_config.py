@@ -76,3 +76,10 @@ def test_cluster_group_selects_the_submitit_launcher(cluster, target):
         cfg = compose(config_name="config", overrides=[f"cluster={cluster}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     assert load_config(_compose([f"cluster={cluster}"])) == load_config(_compose())  # the job config is unchanged
+
+
+def test_budget_multiple_of_must_be_positive():
+    import pytest as _pytest
+    from vtrans.config import BudgetConfig
+    with _pytest.raises(ValueError, match="budget.multiple_of=0"):
+        BudgetConfig(multiple_of=0)

@@ -208,3 +208,21 @@ def test_cut_units_count_as_gone_in_the_soft_size():
     full = Budget("params_ratio", 0.7)
     ratio = float(full.size(mm.expected_shape()).detach()) / float(full.size(mm.dense))
     assert ratio <= 0.7 + 1e-3
+
+
+def test_multiple_of_rounds_hidden_and_neurons_and_still_materialises_exactly():
+    model = make_tiny("llama", "lm")
+    x = _inputs("llama")
+    mm = attach_masks(model)
+    _randomise(mm)
+    budget = Budget("params_ratio", 0.7)
+    d = decide(mm, budget, multiple_of=8)
+    assert d["size"] <= d["target"]
+    counts = {name: int(m.decided.sum()) for name, m in mm.masks().items()}
+    for name, c in counts.items():
+        if name == "hidden" or name.endswith(".neurons"):
+            assert c % 8 == 0 or c < 8, (name, c)
+    masked_out = _outputs(model, x)
+    pruned = materialize(mm)
+    assert model_numel(pruned) == d["size"]
+    torch.testing.assert_close(_outputs(pruned, x), masked_out, rtol=1e-4, atol=1e-4)

@@ -146,6 +146,7 @@ class BudgetConfig:
     flops_seq_len: int = 512  # FLOPs per token are measured at this sequence length
     warmup_fraction: float = 0.5  # the target ramps from dense to final over this share of the steps
     decide_every: int = 5  # iterative pruning: every N steps the units over the scheduled target are cut (0: only at the end)
+    multiple_of: int = 1  # kept hidden channels and per-layer FFN neurons rounded down to a multiple (8 / 64 for GPUs)
 
     def __post_init__(self):
         _one_of("budget.kind", self.kind, BUDGET_KINDS)
@@ -156,6 +157,8 @@ class BudgetConfig:
             raise ValueError(f"budget.target={self.target} must be > 0 for budget.kind={self.kind}")
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"budget.warmup_fraction={self.warmup_fraction} must be in [0, 1]")
+        if self.multiple_of < 1:
+            raise ValueError(f"budget.multiple_of={self.multiple_of} must be >= 1 (1: no rounding; 8 or 64 suit GPUs)")
         if self.decide_every < 0:
             raise ValueError(f"budget.decide_every={self.decide_every} must be >= 0 (0: decide only at the end)")
 

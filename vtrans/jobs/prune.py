@@ -97,7 +97,7 @@ def evaluate(model, held, cfg: Config, task: str) -> dict:
 
 
 def iterative_decisions(mm, budget: Budget, engine, warmup_steps: int, final_ratio: float, every: int, steps: int,
-                        uniform: bool = False):
+                        uniform: bool = False, multiple_of: int = 1):
     """VTrans prunes iteratively: every `every` steps the units over the scheduled size (ramping from dense to the
     budget over the warm-up) are cut from the training forward (z *= decided), so the remaining units and weights
     learn to do without them before the final decision. Every rank decides on the same gathered mask values."""
@@ -119,7 +119,7 @@ def iterative_decisions(mm, budget: Budget, engine, warmup_steps: int, final_rat
             if uniform:  # the shapes a uniform export allows, so training sees the final kind of model
                 decide_uniform(mm, scheduled)
             else:
-                decide(mm, scheduled, monotone=True)
+                decide(mm, scheduled, monotone=True, multiple_of=multiple_of)
     return on_step
 
 
@@ -164,7 +164,8 @@ def run(cfg: Config, out: Path) -> dict:
                       on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans",
                       checkpointer=Checkpointer.from_config(cfg.checkpoint, out),
                       on_step=iterative_decisions(mm, budget, engine, module.warmup_steps, module.final_ratio,
-                                                  cfg.budget.decide_every, oc.steps, cfg.export_uniform))
+                                                  cfg.budget.decide_every, oc.steps, cfg.export_uniform,
+                                                  cfg.budget.multiple_of))
         train_time = time.perf_counter() - t_train
         engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
         is_main = engine.is_main
@@ -177,7 +178,10 @@ def run(cfg: Config, out: Path) -> dict:
         is_main = dist_env().is_main
 
     iterative = mc.method == "vib" and cfg.budget.decide_every > 0 and not cfg.export_uniform
-    decision = decide_uniform(mm, budget) if cfg.export_uniform else decide(mm, budget, monotone=iterative)
+    if cfg.export_uniform:
+        decision = decide_uniform(mm, budget)
+    else:
+        decision = decide(mm, budget, monotone=iterative, multiple_of=cfg.budget.multiple_of)
     logger.structure(rows_from_masks(mm))
     pruned = materialize(mm)
     if cfg.export_uniform:

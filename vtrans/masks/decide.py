@@ -111,9 +111,13 @@ def check_reachable(mm: MaskedModel, budget: Budget) -> None:
             f"{lo:.4g} ({lo / hi:.1%} of dense). Mask more structures or raise the target.")
 
 
-def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone: bool = False) -> dict:
+def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone: bool = False,
+           multiple_of: int = 1) -> dict:
     """Choose the kept units, store the decision in the masks, and return a summary. With `monotone`, units cut by
-    an earlier decision (iterative pruning) stay cut: they were trained without, so they cannot re-enter."""
+    an earlier decision (iterative pruning) stay cut: they were trained without, so they cannot re-enter.
+    `multiple_of` > 1 rounds the kept hidden channels and each layer's kept FFN neurons down to a multiple of it
+    (dropping the least important; counts below it stay), so the pruned matrices keep shapes that GPU matrix units
+    run efficiently; the size then lands a little further under the target."""
     check_reachable(mm, budget)
     units = _Units(mm)
     target = budget.target_size(mm.dense)
@@ -178,6 +182,8 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
             counts[idx] -= 1
             if trimmed:
                 counts[sub_idx] += len(trimmed)
+    if multiple_of > 1:
+        _round_down(units, keep, multiple_of)
     for name, m in mm.masks().items():
         a, b = units.slices[name]
         m.decide(torch.from_numpy(keep[a:b].copy()))
@@ -189,6 +195,18 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
         "dense_size": float(budget.size(mm.dense)),
         "shape": shape,
     }
+
+
+def _round_down(units: _Units, keep: np.ndarray, m: int) -> None:
+    """Kept hidden channels and each layer's kept neurons rounded down to a multiple of m, least important out."""
+    for name, (a, b) in units.slices.items():
+        if not (name == "hidden" or name.endswith(".neurons")):
+            continue
+        kept = [u for u in range(a, b) if keep[u]]
+        extra = len(kept) % m
+        if extra and len(kept) > m:
+            kept.sort(key=lambda u: units.importance[u])
+            keep[kept[:extra]] = False
 
 
 def decide_uniform(mm: MaskedModel, budget: Budget) -> dict:
