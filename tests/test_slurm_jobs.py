@@ -215,7 +215,6 @@ def test_submit_script_runs_a_job_file(slurm_cluster, assets, tmp_path):
     env = {k: v for k, v in slurm_cluster.env.items() if k not in _DIST_VARS}
     env.update(PYTHON=sys.executable, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    env.update(extra_env or {})
     extra = ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
              f"data.source={assets / 'news.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
              "budget.count_embeddings=false", "optim.steps=3", "optim.batch_size=2", "progress=false"]
