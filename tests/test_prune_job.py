@@ -251,3 +251,16 @@ def test_iterative_decisions_ramp_to_the_budget(tiny_llama_dir):
     assert kept_sizes[5] <= 0.6 + 1e-6  # step 6 reaches the budget (end of the ramp)
     assert history[-1]["expected_ratio"] <= 0.6 + 1e-3  # the objective sees the cut units as gone
     assert all(bool(m.has_decision) for m in mm.masks().values())
+
+
+def test_layer_distillation_is_relative_to_the_teacher_scale():
+    """Residual streams with huge channels must not swamp the objective: the layer loss is scale-free."""
+    from vtrans.objectives import LayerDistill
+    torch.manual_seed(0)
+    ld = LayerDistill(16, [0, 2])
+    student = tuple(torch.randn(2, 5, 16) for _ in range(4))
+    teacher = tuple(torch.randn(2, 5, 16) for _ in range(4))
+    base = ld(student, teacher)
+    scaled = ld(tuple(100 * s for s in student), tuple(100 * t for t in teacher))
+    torch.testing.assert_close(scaled, base, rtol=1e-4, atol=1e-5)
+    assert float(ld(teacher, teacher)) < 1e-10  # identical hidden states: zero
