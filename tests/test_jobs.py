@@ -21,13 +21,7 @@ from vtrans.jobs import run
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls are ~15x slower with two OpenMP threads on this class of machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compose_cfg(overrides):

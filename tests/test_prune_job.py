@@ -264,3 +264,22 @@ def test_layer_distillation_is_relative_to_the_teacher_scale():
     scaled = ld(tuple(100 * s for s in student), tuple(100 * t for t in teacher))
     torch.testing.assert_close(scaled, base, rtol=1e-4, atol=1e-5)
     assert float(ld(teacher, teacher)) < 1e-10  # identical hidden states: zero
+
+
+def test_regression_distillation_matches_the_teacher_score():
+    """A softmax over one output is constant, so a one-output regressor distils the teacher's score instead."""
+    from types import SimpleNamespace
+    from vtrans.objectives import output_distill
+    student, teacher = SimpleNamespace(logits=torch.tensor([[0.5], [2.0]])), SimpleNamespace(logits=torch.zeros(2, 1))
+    assert float(output_distill(student, teacher, "cls", 2.0)) == pytest.approx((0.25 + 4.0) / 2)
+
+
+def test_prune_job_evaluates_on_eval_source(tiny_llama_dir, text_file, tmp_path):
+    """data.eval_source is the evaluation set of every job: all of data.source trains, eval_source is evaluated."""
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(["A short held-out document about rivers and the sea."] * 3))
+    cfg = _cfg(tiny_llama_dir, tmp_path / "out", source=str(text_file), steps=2, budget__count_embeddings=False,
+               data__eval_source=str(held))
+    metrics = run(cfg)
+    assert metrics["heldout_documents"] == 3
+    assert metrics["train_documents"] == 120

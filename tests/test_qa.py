@@ -24,12 +24,7 @@ CITIES = ["Lisbon", "Oslo", "Kyoto", "Quito", "Nairobi", "Perth", "Tallinn", "Ha
 ANIMALS = ["owl", "otter", "fox", "heron", "badger", "lynx"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

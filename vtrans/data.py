@@ -298,13 +298,7 @@ def split_documents(
             f"({target} held out); use more documents or a different fraction"
         )
     groups = _text_groups(docs)
-    random.Random(seed).shuffle(groups)
-    heldout: list[int] = []
-    for group in groups:
-        if len(heldout) + len(group) <= target:
-            heldout.extend(group)
-        if len(heldout) == target:
-            break
+    heldout = _held_groups(groups, target, seed)
     held = set(heldout)
     train = [i for i in range(len(docs)) if i not in held]
     if not heldout or not train:
@@ -312,6 +306,19 @@ def split_documents(
             f"cannot split {len(docs)} documents ({len(groups)} distinct) into two non-empty parts"
         )
     return _pick(docs, train), _pick(docs, heldout)
+
+
+def _held_groups(groups: list[list[int]], target: int, seed: int) -> list[int]:
+    """Indices of whole groups, taken in a seed-shuffled order while they fit, up to `target` items (shuffles
+    `groups` in place)."""
+    random.Random(seed).shuffle(groups)
+    held: list[int] = []
+    for group in groups:
+        if len(held) + len(group) <= target:
+            held.extend(group)
+        if len(held) == target:
+            break
+    return held
 
 
 def heldout_split(
@@ -658,13 +665,7 @@ def split_qa_examples(
     if len(groups) < 2:
         raise ValueError(f"cannot split {len(examples)} questions on one article / context into train and held-out "
                          "parts; use more passages or set data.eval_source")
-    random.Random(seed).shuffle(groups)
-    held: list[int] = []
-    for group in groups:
-        if len(held) + len(group) <= target:
-            held.extend(group)
-        if len(held) == target:
-            break
+    held = _held_groups(groups, target, seed)
     if not held:  # every article is larger than the target: hold out the smallest
         held = min(groups, key=len)
     chosen = set(held)

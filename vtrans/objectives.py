@@ -42,6 +42,32 @@ def logit_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     return kl * t * t
 
 
+def task_loss(out, batch: dict, head: str) -> torch.Tensor:
+    """The task loss of a model output for its head ("lm", "qa" or a classifier): next-token cross-entropy; the mean
+    cross-entropy of the answer's first and last token (BERT's SQuAD loss); mean squared error for a one-output
+    regressor (e.g. STS-B), else cross-entropy over the labels."""
+    if head == "lm":
+        return lm_loss(out.logits, batch["input_ids"], batch.get("attention_mask"))
+    if head == "qa":
+        return 0.5 * (F.cross_entropy(out.start_logits.float(), batch["start_positions"])
+                      + F.cross_entropy(out.end_logits.float(), batch["end_positions"]))
+    if out.logits.shape[-1] == 1:
+        return F.mse_loss(out.logits.float().squeeze(-1), batch["labels"].float())
+    return F.cross_entropy(out.logits.float(), batch["labels"])
+
+
+def output_distill(out, t_out, head: str, temperature: float, attention_mask: torch.Tensor | None = None):
+    """Distillation of the teacher's outputs: softened predictions (per real token for LMs; of the answer's start and
+    end for QA), or the teacher's score for a one-output regressor (a softmax over one output carries nothing)."""
+    if head == "qa":
+        return 0.5 * (logit_distill(out.start_logits, t_out.start_logits, temperature)
+                      + logit_distill(out.end_logits, t_out.end_logits, temperature))
+    if head != "lm" and out.logits.shape[-1] == 1:
+        return F.mse_loss(out.logits.float(), t_out.logits.float())
+    mask = attention_mask.float() if (attention_mask is not None and head == "lm") else None
+    return logit_distill(out.logits, t_out.logits, temperature, mask)
+
+
 class LayerDistill(nn.Module):
     """CoFi's layer distillation: MSE between a learned linear map of student hidden states and the teacher's,
     each chosen teacher layer matched to the closest (lowest-MSE) student layer at or after the previous match;

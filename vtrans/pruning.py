@@ -8,7 +8,7 @@ from torch import nn
 
 from .masks.attach import MaskedModel
 from .masks.decide import Budget
-from .objectives import LayerDistill, Lagrangian, kl_loss, lm_loss, logit_distill, target_ratio
+from .objectives import LayerDistill, Lagrangian, kl_loss, output_distill, target_ratio, task_loss
 
 
 class PruningModule(nn.Module):
@@ -29,8 +29,7 @@ class PruningModule(nn.Module):
         self.beta, self.kl_weights = beta, kl_weights
         self.task_weight, self.logit_weight, self.layer_weight = task_weight, logit_weight, layer_weight
         self.temperature, self.warmup_steps = temperature, warmup_steps
-        self.is_lm = mm.dense.head == "lm"
-        self.is_qa = mm.dense.head == "qa"  # extractive QA: start / end logits over the tokens
+        self.head = mm.dense.head  # "lm", "qa" or a classifier: picks the task loss and the distillation
         for p in self.model.parameters():
             p.requires_grad_(train_weights)
         for p in mm.mask_parameters() if mm.masks() else []:
@@ -77,26 +76,11 @@ class PruningModule(nn.Module):
         s_out = self.model(**inputs, output_hidden_states=self.layer_distill is not None)
         attn = inputs.get("attention_mask")
         stats = {}
-        if self.is_lm:
-            task = lm_loss(s_out.logits, inputs["input_ids"], attn)
-        elif self.is_qa:  # cross-entropy of the answer's first and last token, averaged (BERT's SQuAD loss)
-            task = 0.5 * (nn.functional.cross_entropy(s_out.start_logits.float(), batch["start_positions"])
-                          + nn.functional.cross_entropy(s_out.end_logits.float(), batch["end_positions"]))
-        else:
-            labels = batch["labels"]
-            if labels.is_floating_point():  # regression (e.g. STS-B): one output, mean squared error
-                task = nn.functional.mse_loss(s_out.logits.float().squeeze(-1), labels.float())
-            else:
-                task = nn.functional.cross_entropy(s_out.logits.float(), labels)
+        task = task_loss(s_out, batch, self.head)
         loss = self.task_weight * task
         stats["task_loss"] = task.detach()
         if self.logit_weight > 0:
-            if self.is_qa:  # the teacher's distributions over the answer's start and end token
-                distill = 0.5 * (logit_distill(s_out.start_logits, t_out.start_logits, self.temperature)
-                                 + logit_distill(s_out.end_logits, t_out.end_logits, self.temperature))
-            else:
-                tok_mask = attn.float() if (attn is not None and self.is_lm) else None
-                distill = logit_distill(s_out.logits, t_out.logits, self.temperature, tok_mask)
+            distill = output_distill(s_out, t_out, self.head, self.temperature, attn)
             loss = loss + self.logit_weight * distill
             stats["distill_logit"] = distill.detach()
         if self.layer_distill is not None:

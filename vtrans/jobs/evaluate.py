@@ -96,9 +96,10 @@ def structure_rows(model, dense=None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def documents(cfg: Config) -> tuple[list, list]:
-    """(train documents, evaluation documents). Without data.eval_source the evaluation documents are the prune
-    job's held-out split of data.source (same seed, same split); with it, all of data.source trains."""
+def documents(cfg: Config, train_fraction: float | None = None) -> tuple[list, list]:
+    """(train documents, evaluation documents), for every job alike. Without data.eval_source the evaluation
+    documents are a held-out split of data.source (data.folds / heldout_fraction, same seed); with it, all of
+    data.source trains. `train_fraction` (default data.train_fraction) subsamples the training part."""
     dc = cfg.data
     if cfg.model.task == "question_answering":  # held-out questions never share an article / passage with training
         train = qa_examples(dc.source, dc)
@@ -113,8 +114,9 @@ def documents(cfg: Config) -> tuple[list, list]:
             held = list(D.load_documents(dc.eval_source, text_field=dc.text_field, label_field=dc.label_field))
         else:
             train, held = D.heldout_split(docs, dc.heldout_fraction, dc.seed, dc.folds, dc.fold)
-    if cfg.data.train_fraction < 1:
-        train = D.subsample(train, cfg.data.train_fraction, dc.seed)
+    fraction = dc.train_fraction if train_fraction is None else train_fraction
+    if fraction < 1:
+        train = D.subsample(train, fraction, dc.seed)
     if cfg.eval.max_examples:
         held = held[: cfg.eval.max_examples]
     return train, held

@@ -16,7 +16,7 @@ from ..checkpoint import Checkpointer, batch_stream
 from ..config import Config
 from ..engine import fit, make_engine
 from ..log import RunLogger, write_structure
-from ..objectives import lm_loss, logit_distill
+from ..objectives import output_distill, task_loss
 from . import is_main_process, set_objective
 from .evaluate import (dense_reference_shape, dir_model_config, documents, evaluate_all, load, size_metrics,
                        structure_rows, task_data)
@@ -34,7 +34,8 @@ class DistillModule(nn.Module):
         super().__init__()
         self.model = student
         self._teacher = [teacher]  # outside the module tree: frozen, never optimised or sharded with the student
-        self.task, self.task_weight, self.logit_weight, self.temperature = task, task_weight, logit_weight, temperature
+        self.head = {"causal_lm": "lm", "question_answering": "qa"}.get(task, "cls")
+        self.task_weight, self.logit_weight, self.temperature = task_weight, logit_weight, temperature
         self.size_ratio = size_ratio
         if teacher is not None:  # None with distill.logit_weight=0: plain fine-tuning on the task loss
             teacher.requires_grad_(False)
@@ -43,35 +44,17 @@ class DistillModule(nn.Module):
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         out = self.model(**inputs)
         stats = {}
-        if self.task == "causal_lm":
-            task = lm_loss(out.logits, inputs["input_ids"], inputs.get("attention_mask"))
-        elif self.task == "question_answering":
-            task = 0.5 * (nn.functional.cross_entropy(out.start_logits.float(), batch["start_positions"])
-                          + nn.functional.cross_entropy(out.end_logits.float(), batch["end_positions"]))
-        elif out.logits.shape[-1] == 1:  # regression (STS-B)
-            task = nn.functional.mse_loss(out.logits.float().squeeze(-1), batch["labels"].float())
-        else:
-            task = nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+        task = task_loss(out, batch, self.head)
         loss = self.task_weight * task
         stats["task_loss"] = float(task.detach())
         if self.logit_weight > 0:
             with torch.no_grad():
                 t_out = self._teacher[0](**inputs)
-            distill = self._distill(out, t_out, inputs.get("attention_mask"))
+            distill = output_distill(out, t_out, self.head, self.temperature, inputs.get("attention_mask"))
             loss = loss + self.logit_weight * distill
             stats["distill_logit"] = float(distill.detach())
         stats.update(loss=float(loss.detach()), expected_ratio=self.size_ratio, target_ratio=self.size_ratio)
         return loss, stats
-
-    def _distill(self, out, t_out, attention_mask):
-        t = self.temperature
-        if self.task == "question_answering":
-            return 0.5 * (logit_distill(out.start_logits, t_out.start_logits, t)
-                          + logit_distill(out.end_logits, t_out.end_logits, t))
-        if out.logits.shape[-1] == 1:  # regression: match the teacher's score
-            return nn.functional.mse_loss(out.logits.float(), t_out.logits.float())
-        mask = attention_mask.float() if (attention_mask is not None and self.task == "causal_lm") else None
-        return logit_distill(out.logits, t_out.logits, t, mask)
 
 
 def run(cfg: Config, out: Path) -> dict:

@@ -29,7 +29,7 @@ from ..models.pruned_modeling import save_pruned
 from ..models.spec import shape_of
 from ..objectives import target_ratio
 from ..pruning import PruningModule
-from .evaluate import qa_examples
+from .evaluate import documents, task_data
 from .probe import decision_record
 
 log = logging.getLogger("vtrans")
@@ -41,37 +41,14 @@ def budget_of(cfg: Config) -> Budget:
                   seq_len=cfg.budget.flops_seq_len)
 
 
-def prepare_data(cfg: Config, tokenizer, task: str):
-    """(train, heldout) tensors; documents are split before tokenising, so the parts never overlap. Question
-    answering: SQuAD questions split by article (else passage), or evaluated on data.eval_source when set."""
-    dc = cfg.data
-    if task == "question_answering":
-        train_docs = qa_examples(dc.source, dc)
-        if dc.eval_source:
-            held_docs = qa_examples(dc.eval_source, dc)
-        else:
-            train_docs, held_docs = D.split_qa_examples(train_docs, dc.heldout_fraction, dc.seed)
-        held_docs = held_docs[: cfg.eval.max_examples or None]
-    else:
-        docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
-        train_docs, held_docs = D.heldout_split(docs, dc.heldout_fraction, dc.seed, dc.folds, dc.fold)
-    fraction = dc.train_fraction
-    if cfg.mask.variant == "fast" and fraction == 1.0:
-        fraction = FAST_FRACTION
-    if fraction < 1.0:
-        train_docs = D.subsample(train_docs, fraction, dc.seed)
-    if task == "causal_lm":
-        train = D.lm_blocks(tokenizer, train_docs, dc.seq_len, dc.max_train_blocks or None)
-        held = D.lm_blocks(tokenizer, held_docs, dc.seq_len, dc.max_eval_blocks or None)
-        return train, held, len(train_docs), len(held_docs)
-    if task == "question_answering":  # windows over each passage, labelled with the answer's token span
-        stride = cfg.eval.qa_doc_stride
-        train = D.qa_features(tokenizer, train_docs, dc.seq_len, stride, dc.max_train_blocks or None)
-        held = D.qa_features(tokenizer, held_docs, dc.seq_len, stride)
-        return train, held, len(train_docs), len(held_docs)
-    train = D.ClassificationData.from_documents(tokenizer, train_docs, dc.seq_len)
-    held = D.ClassificationData.from_documents(tokenizer, held_docs, dc.seq_len)
-    return train, held, len(train_docs), len(held_docs)
+def prepare_data(cfg: Config, tokenizer):
+    """(train, heldout) model inputs and their document counts: the documents every job uses (split before
+    tokenising, so the parts never overlap; Fast-VTrans trains on FAST_FRACTION of them unless data.train_fraction
+    says otherwise)."""
+    fraction = FAST_FRACTION if (cfg.mask.variant == "fast" and cfg.data.train_fraction == 1.0) else None
+    train_docs, held_docs = documents(cfg, fraction)
+    return (task_data(cfg, tokenizer, train_docs, training=True), task_data(cfg, tokenizer, held_docs),
+            len(train_docs), len(held_docs))
 
 
 def endless(data, batch_size: int, seed: int):
@@ -130,7 +107,7 @@ def run(cfg: Config, out: Path) -> dict:
     # --- checks that need no weights: model family, data source
     hf_config = load_config(cfg.model)
     model, tokenizer = load_model(cfg.model, hf_config)
-    train, held, n_train_docs, n_held_docs = prepare_data(cfg, tokenizer, task)
+    train, held, n_train_docs, n_held_docs = prepare_data(cfg, tokenizer)
     mc = cfg.mask
     distills = cfg.distill.logit_weight > 0 or cfg.distill.layer_weight > 0
     # weights that train need a separate frozen teacher; with frozen weights the model with masks off is the teacher

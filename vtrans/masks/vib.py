@@ -61,10 +61,8 @@ class StructureMask(nn.Module):
         """Differentiable kept indicator per unit: sigmoid(-k * log_alpha)."""
         if self.method != "vib":
             return self.kept().to(self.mu.dtype)
-        soft = torch.sigmoid(-self.k * self.log_alpha())
-        if bool(self.has_decision):  # units pruned by an in-training decision count as gone
-            soft = soft * self.decided
-        return soft
+        # units cut by an in-training decision count as gone (`decided` is all True before any decision)
+        return torch.sigmoid(-self.k * self.log_alpha()) * self.decided
 
     def hard_values(self) -> torch.Tensor:
         """The evaluation mask 1[kept] * mu, which materialisation folds into the weights."""
