@@ -43,8 +43,8 @@ def compose(overrides: list[str]) -> Config:
 
 
 def config(method: str, keep: float, args) -> Config:
-    mask = f"mask.method={method}" if method in BASELINES else f"mask={method}"
-    return compose([mask, f"budget.target={keep}", f"data.seq_len={args.seq_len}",
+    mask = [f"mask.method={method}"] if method in BASELINES else [f"mask={method}", *args.vib]
+    return compose([*mask, f"budget.target={keep}", f"data.seq_len={args.seq_len}",
                     f"data.max_eval_blocks={args.eval_blocks}", f"optim.steps={args.steps}", "progress=false",
                     "logger=none", f"output_dir={Path(args.out) / f'{method}-{keep}'}"])
 
@@ -77,6 +77,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/quality", help="run directories (pruned models for bench/speed.py)")
     p.add_argument("--results", default="bench/results", help="where the tables go")
     p.add_argument("--tag", default="smollm2")
+    p.add_argument("--vib", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for the VTrans variants only (repeatable), e.g. --vib mask.init_spread=4")
     args = p.parse_args()
     rows = []
     out = Path(args.results)

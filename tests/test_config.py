@@ -60,6 +60,8 @@ def test_wrong_type_fails_naming_the_key():
     ("data.folds=1", r"data.folds=1 must be 0 \(a random heldout_fraction split\) or >= 2"),
     ("data.fold=5 data.folds=5", r"data.fold=5 must be in \[0, data.folds=5\)"),
     ("data.fold=2", r"data.fold=2 is set but data.folds=0"),
+    ("mask.init_from=random", r"mask.init_from='random' is not accepted; choose one of"),
+    ("mask.init_spread=0", r"mask.init_spread=0.0 must be > 0"),
     ("data.folds=5 data.eval_source=dev.csv", r"data.folds=5 splits data.source into folds, but data.eval_source"),
     ("data.folds=5 model.task=question_answering data.source=squad.json",
      r"data.folds=5 is not supported for model.task=question_answering"),

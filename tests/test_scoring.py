@@ -8,7 +8,7 @@ from tests.tiny import make_tiny
 from vtrans.masks.attach import MaskInit, attach_masks
 from vtrans.masks.decide import Budget, decide
 from vtrans.masks.materialize import materialize
-from vtrans.masks.scoring import METHODS, score_masks
+from vtrans.masks.scoring import METHODS, score_masks, warm_start
 from vtrans.objectives import lm_loss
 
 CASES = [("llama", "lm"), ("llama", "cls"), ("gpt2", "lm"), ("gpt2", "cls"), ("bert", "cls"), ("bert", "qa"),
@@ -98,6 +98,44 @@ def test_scores_are_deterministic(method):
     if method == "random":
         _, c = _scored("llama", "lm", method, seed=4)
         assert not torch.equal(a.hidden.scores, c.hidden.scores)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "taylor"])
+def test_warm_start_orders_vib_masks_as_the_scorer_does(method):
+    model = make_tiny("llama", "lm")
+    mm = attach_masks(model, init=MaskInit(method="vib", mu_std=0.0, log_sigma2_std=0.0))
+    score_masks(mm, method, _batches("lm"), seed=0)
+    scores = torch.cat([m.scores.clone() for m in mm.masks().values()])
+    warm_start(mm, spread=3.0)
+    importance = torch.cat([m.importance() for m in mm.masks().values()])
+    log_sigma2 = torch.cat([m.log_sigma2.detach() for m in mm.masks().values()])
+    # the VIB ranking (-log_alpha) is the scorer's ranking; every unit still kept; spread as asked, centred
+    assert torch.equal(torch.argsort(importance, stable=True), torch.argsort(scores, stable=True)) or \
+        torch.corrcoef(torch.stack([importance.argsort().argsort().float(),
+                                    scores.argsort().argsort().float()]))[0, 1] > 0.999
+    assert all(bool(m.kept().all()) for m in mm.masks().values())
+    assert log_sigma2.max() - log_sigma2.min() == pytest.approx(3.0, abs=1e-4)
+    assert log_sigma2.mean() == pytest.approx(-9.0, abs=0.05)
+    assert all(not m.scores.any() for m in mm.masks().values())
+    # a warm-started decision prunes what the scorer's own decision prunes
+    ref = make_tiny("llama", "lm")
+    ref_mm = attach_masks(ref, init=MaskInit(method="score"))
+    score_masks(ref_mm, method, _batches("lm"), seed=0)
+    budget = Budget("params_ratio", 0.6)
+    decide(mm, budget)
+    decide(ref_mm, budget)
+    for (name, a), b in zip(mm.masks().items(), ref_mm.masks().values()):
+        assert torch.equal(a.decided, b.decided), name
+
+
+def test_warm_start_gives_equal_scores_equal_starts():
+    model = make_tiny("llama", "lm")
+    mm = attach_masks(model, init=MaskInit(method="vib", mu_std=0.0, log_sigma2_std=0.0))
+    for m in mm.masks().values():
+        m.scores.fill_(1.0)
+    warm_start(mm, spread=2.0)
+    values = torch.cat([m.log_sigma2.detach() for m in mm.masks().values()])
+    torch.testing.assert_close(values, torch.full_like(values, -9.0))
 
 
 def test_some_structures_only():

@@ -14,6 +14,7 @@ TASKS = ("causal_lm", "sequence_classification", "question_answering")
 DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("vtrans", "fast", "faster")
 METHODS = ("vib", "random", "magnitude", "activation", "taylor")
+INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
 STRUCTURES = ("hidden", "heads", "attention", "neurons", "ffn")
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
@@ -123,6 +124,10 @@ class MaskConfig:
     kl_weights: dict[str, float] = field(default_factory=lambda: {
         "hidden": 4.0, "heads": 64.0, "attention": 64.0, "neurons": 1.0, "ffn": 64.0})
     calibration_blocks: int = 32  # one-shot scorers: blocks of training text used to score
+    init_from: str = "taylor"  # VIB warm start: a one-shot scorer (magnitude | activation | taylor) ranks the units
+    #                            on calibration_blocks of the variant's own training data; "" = the plain init above
+    #                            (one-shot methods ignore it)
+    init_spread: float = 6.0  # warm start: log_sigma2 spreads over log_sigma2_init -/+ init_spread / 2 by score rank
 
     def __post_init__(self):
         _one_of("mask.variant", self.variant, VARIANTS)
@@ -135,6 +140,9 @@ class MaskConfig:
             _one_of("mask.kl_weights key", s, STRUCTURES)
         if self.k <= 0:
             raise ValueError(f"mask.k={self.k} must be > 0")
+        _one_of("mask.init_from", self.init_from, INIT_SCORERS)
+        if self.init_spread <= 0:
+            raise ValueError(f"mask.init_spread={self.init_spread} must be > 0")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..log import RunLogger, rows_from_masks
 from ..masks.attach import MaskInit, attach_masks
 from ..masks.decide import Budget, check_reachable, decide, decide_uniform
 from ..masks.materialize import materialize, to_stock
-from ..masks.scoring import score_masks
+from ..masks.scoring import score_masks, warm_start
 from ..models.load import load_config, load_model
 from ..models.pruned_modeling import save_pruned
 from ..models.spec import shape_of
@@ -56,6 +56,12 @@ def endless(data, batch_size: int, seed: int):
     for epoch in itertools.count():
         for b in D.batches(data, batch_size, shuffle=True, seed=seed + epoch, drop_last=True):
             yield {"input_ids": b} if isinstance(b, torch.Tensor) else b
+
+
+def calibration(train, cfg: Config) -> list[dict]:
+    """The one-shot scorers' batches: mask.calibration_blocks training blocks (sequences)."""
+    bs = cfg.optim.batch_size
+    return [b for _, b in zip(range(max(1, cfg.mask.calibration_blocks // bs)), endless(train, bs, cfg.optim.seed))]
 
 
 def evaluate(model, held, cfg: Config, task: str) -> dict:
@@ -129,6 +135,12 @@ def run(cfg: Config, out: Path) -> dict:
 
     oc = cfg.optim
     if mc.method == "vib":
+        t_init = time.perf_counter()
+        if mc.init_from:  # warm start: a one-shot ranking on the variant's own training data orders the masks
+            score_masks(mm, mc.init_from, calibration(train, cfg), seed=oc.seed)
+            warm_start(mm, mc.init_spread)
+            log.info("masks warm-started from %s scores (spread %g) in %.1f s", mc.init_from, mc.init_spread,
+                     time.perf_counter() - t_init)
         module = PruningModule(
             mm, budget, beta=mc.beta, kl_weights=dict(mc.kl_weights), task_weight=cfg.distill.task_weight,
             logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
@@ -136,21 +148,18 @@ def run(cfg: Config, out: Path) -> dict:
             warmup_steps=round(cfg.budget.warmup_fraction * oc.steps), train_weights=mc.variant != "faster",
             teacher=teacher)
         engine = make_engine(module, module.param_groups(oc.mask_lr, oc.weight_lr, oc.lambda_lr, oc.distill_lr), cfg)
-        t_train = time.perf_counter()
         history = fit(engine, lambda start: batch_stream(train, oc.batch_size, oc.seed, start), oc.steps, oc.grad_accum,
                       on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans",
                       checkpointer=Checkpointer.from_config(cfg.checkpoint, out),
                       on_step=iterative_decisions(mm, budget, engine, module.warmup_steps, module.final_ratio,
                                                   cfg.budget.decide_every, oc.steps, cfg.export_uniform,
                                                   cfg.budget.multiple_of))
-        train_time = time.perf_counter() - t_train
+        train_time = time.perf_counter() - t_init
         engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
         is_main = engine.is_main
     else:  # a one-shot baseline: score the units on calibration batches, no training
         t_train = time.perf_counter()
-        calib = [b for _, b in zip(range(max(1, mc.calibration_blocks // oc.batch_size)),
-                                   endless(train, oc.batch_size, oc.seed))]
-        score_masks(mm, mc.method, calib, seed=oc.seed)
+        score_masks(mm, mc.method, calibration(train, cfg), seed=oc.seed)
         history, train_time = [], time.perf_counter() - t_train
         is_main = dist_env().is_main
 

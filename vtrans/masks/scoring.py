@@ -469,3 +469,28 @@ def _taylor(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
                       [damage[("neurons", i)] for i in range(n_layers)],
                       [damage[("attention", i)] for i in range(n_layers)],
                       [damage[("ffn", i)] for i in range(n_layers)], comparable=True)
+
+
+def warm_start(mm: MaskedModel, spread: float) -> None:
+    """Start VIB training from the one-shot ranking `score_masks` left in the masks' `scores`: each unit's
+    log_sigma2 moves by spread * (1/2 - q), q its score's quantile among all units (0 = least important), so the
+    initial log_alpha orders the units as the scorer does (spread wide) while staying where training can reorder
+    them (Adam moves log_sigma2 and log mu^2 by about mask_lr per step). mu and the threshold are untouched:
+    every unit starts kept. The scores are cleared afterwards (VIB ranks by -log_alpha)."""
+    masks = [m for m in mm.masks().values() if m.method == "vib"]
+    if not masks:
+        raise ValueError("warm_start needs VIB masks (mask.method=vib)")
+    flat = torch.cat([m.scores.detach().float().cpu().flatten() for m in masks])
+    order = torch.argsort(flat, stable=True)
+    q = torch.empty_like(flat)
+    q[order] = torch.arange(flat.numel(), dtype=torch.float32) / max(flat.numel() - 1, 1)
+    # ties share their mean quantile, so equal scores start equal
+    _, inverse = torch.unique(flat, return_inverse=True)
+    q = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, q)[inverse] / torch.bincount(inverse)[inverse]
+    start = 0
+    with torch.no_grad():
+        for m in masks:
+            part = q[start:start + m.n].to(m.log_sigma2.device, m.log_sigma2.dtype)
+            m.log_sigma2.add_(spread * (0.5 - part))
+            m.scores.zero_()
+            start += m.n
