@@ -207,8 +207,12 @@ def test_warm_started_fast_vtrans_scores_on_its_own_training_data(tiny_llama_dir
     assert seen[0][1] and all(tuple(row.tolist()) in blocks for b in seen[0][1] for row in b)
     counted = metrics["params_pruned_no_embeddings"]
     assert 0.99 * metrics["budget_target_size"] <= counted <= metrics["budget_target_size"]
-    # mask.init_from='' trains from the plain initialisation: no scorer runs
+    # a run resuming from the checkpoint skips the scoring (the restored masks replace any start) and ends the same
     seen.clear()
+    again = run(cfg)
+    assert seen == [] and again["ppl_pruned"] == pytest.approx(metrics["ppl_pruned"])
+    assert again["shape_pruned"] == metrics["shape_pruned"]
+    # mask.init_from='' trains from the plain initialisation: no scorer runs
     run(_cfg(tiny_llama_dir, tmp_path / "plain", source=str(text_file), mask__variant="fast", mask__init_from="",
              budget__count_embeddings=False))
     assert seen == []

@@ -136,7 +136,9 @@ def run(cfg: Config, out: Path) -> dict:
     oc = cfg.optim
     if mc.method == "vib":
         t_init = time.perf_counter()
-        if mc.init_from:  # warm start: a one-shot ranking on the variant's own training data orders the masks
+        checkpointer = Checkpointer.from_config(cfg.checkpoint, out)
+        resuming = checkpointer.resume and checkpointer.latest() is not None  # the restored masks replace any start
+        if mc.init_from and not resuming:  # warm start: a one-shot ranking on the variant's own training data
             score_masks(mm, mc.init_from, calibration(train, cfg), seed=oc.seed)
             warm_start(mm, mc.init_spread)
             log.info("masks warm-started from %s scores (spread %g) in %.1f s", mc.init_from, mc.init_spread,
@@ -150,7 +152,7 @@ def run(cfg: Config, out: Path) -> dict:
         engine = make_engine(module, module.param_groups(oc.mask_lr, oc.weight_lr, oc.lambda_lr, oc.distill_lr), cfg)
         history = fit(engine, lambda start: batch_stream(train, oc.batch_size, oc.seed, start), oc.steps, oc.grad_accum,
                       on_log=logger.log, log_every=oc.log_every, progress=cfg.progress, desc=f"{mc.variant}-vtrans",
-                      checkpointer=Checkpointer.from_config(cfg.checkpoint, out),
+                      checkpointer=checkpointer,
                       on_step=iterative_decisions(mm, budget, engine, module.warmup_steps, module.final_ratio,
                                                   cfg.budget.decide_every, oc.steps, cfg.export_uniform,
                                                   cfg.budget.multiple_of))
