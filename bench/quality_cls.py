@@ -8,6 +8,7 @@ and aggregated CSVs and a Markdown table (mean +- std held-out accuracy over the
 
     python bench/quality_cls.py                                  # 5 folds, 20 % and 50 %, every method
     python bench/quality_cls.py --folds 2 --budgets 0.8 --methods magnitude,faster --steps 40
+    python bench/quality_cls.py --methods fast --update     # redo one method, keep the other rows
 
 On a CPU shared with other work, OMP_NUM_THREADS=1 is much faster than oversubscribed threads (~28 min in all here).
 """
@@ -140,6 +141,37 @@ def aggregate(rows: list[dict], keeps: list[float], methods: list[str]) -> list[
     return out
 
 
+def previous_rows(path: Path, keeps: list[float], methods: list[str], folds: int) -> list[dict]:
+    """The per-fold rows of an earlier run that this one does not redo (--update): every row except the dense ones
+    and those of a (budget, method) run now."""
+    if not path.exists():
+        raise SystemExit(f"--update: no earlier per-fold results at {path}; run without --update first")
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row = {k: (v if k == "method" else int(float(v)) if k in ("fold", "params") else float(v))
+                   for k, v in r.items() if v != ""}
+            if row["fold"] >= folds:
+                raise SystemExit(f"--update: {path} has fold {row['fold']}, but --folds={folds}; use the same folds")
+            if row["method"] != "dense" and not (row["budget_kept"] in keeps and row["method"] in methods):
+                rows.append(row)
+    return rows
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier rows + this run's, checking that both fine-tuned the same dense models (the fine-tuning is
+    deterministic, so the earlier rows were pruned from the same models this run prunes)."""
+    dense = {r["fold"]: r["accuracy_dense"] for r in new if r["method"] == "dense"}
+    for r in old:
+        if abs(r["accuracy_dense"] - dense[r["fold"]]) > 1e-3:
+            raise SystemExit(f"--update: fold {r['fold']}'s dense model now scores {dense[r['fold']]:.4f}, the "
+                             f"earlier {r['method']} row was pruned from one scoring {r['accuracy_dense']:.4f}; "
+                             "rerun every method instead")
+    order = ["dense", *BASELINES, *VARIANTS, RECOVERED]
+    return sorted([r for r in new if r["method"] == "dense"] + old + [r for r in new if r["method"] != "dense"],
+                  key=lambda r: (r["fold"], -r["budget_kept"], order.index(r["method"])))
+
+
 def markdown_row(r: dict) -> str:
     seconds = f"(fine-tuning {r['finetune_s']})" if r["method"] == "dense" else r["compression_s"]
     return (f"| {r['budget_kept']} | {r['method']} | {r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f} | "
@@ -181,30 +213,43 @@ def main() -> None:
     p.add_argument("--vib", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override for the VTrans variants only (repeatable), e.g. --vib mask.init_from=activation")
     p.add_argument("--results", default="bench/results", help="where the tables go")
+    p.add_argument("--update", action="store_true",
+                   help="rerun only --methods at --budgets and merge them into the per-fold results already in "
+                        "--results (the other rows kept; refused if the dense models differ), then rewrite the tables")
     args = p.parse_args()
     keeps = [float(b) for b in args.budgets.split(",")]
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(BASELINES + VARIANTS + (RECOVERED,)))
     if unknown or args.folds < 2:
         p.error(f"unknown methods {unknown}" if unknown else f"--folds={args.folds} must be >= 2")
+    res = Path(args.results)
+    kept_rows = previous_rows(res / "quality_minilm_folds.csv", keeps, methods, args.folds) if args.update else []
     t0 = time.perf_counter()
     rows = [r for fold in range(args.folds) for r in run_fold(fold, keeps, methods, args)]
-    table = aggregate(rows, keeps, methods)
     total = time.perf_counter() - t0
+    if args.update:
+        rows = merged(kept_rows, rows)
+        order = list(BASELINES + VARIANTS + (RECOVERED,))
+        methods = sorted({r["method"] for r in rows} - {"dense"}, key=order.index)
+        keeps = sorted({r["budget_kept"] for r in rows} - {1.0}, reverse=True)
+    table = aggregate(rows, keeps, methods)
 
-    res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for r in rows for k in r))  # the dense rows carry two more columns
     write_csv(res / "quality_minilm_folds.csv", [{k: round(r[k], 4) if isinstance(r.get(k), float) else r.get(k, "")
                                                   for k in fields} for r in rows])
     write_csv(res / "quality_minilm.csv", table)
+    start = {"": "the plain initialisation", "activation": "an activation warm start"}.get(
+        args.init_from, f"a {args.init_from} warm start")
     lines = [f"MiniLM (all-MiniLM-L6-v2) fine-tuned and pruned on Pang & Lee polarity (200 sentences), {args.folds}-fold "
              f"cross-validation: held-out accuracy mean ± std (sample std) over the folds; params, FLOPs ratio "
              f"(per token at {args.seq_len} tokens) and compression time (mask training / scoring, + recovery "
-             f"fine-tuning) averaged. Mask-training steps {args.steps} x 4 at mask lr {args.mask_lr:g} from a "
-             f"{args.init_from or 'plain'} warm start, dense fine-tuning {args.dense_steps} x "
+             f"fine-tuning) averaged. Mask-training steps {args.steps} x 4 at mask lr {args.mask_lr:g} from {start}, "
+             f"dense fine-tuning {args.dense_steps} x "
              f"{args.dense_batch} at lr {args.dense_lr:g}, recovery {args.recovery_steps} x {args.dense_batch} at lr "
-             f"{args.recovery_lr:g}. Bench wall time {total:.0f} s.", "",
+             f"{args.recovery_lr:g}. Bench wall time {total:.0f} s"
+             f"{f' (this run: {args.methods} at {args.budgets}, merged into the earlier rows)' if args.update else ''}.",
+             "",
              "| kept | method | held-out accuracy | dense fine-tuned | params | reduction | FLOPs ratio | compression s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [markdown_row(r) for r in table]
