@@ -207,7 +207,7 @@ def main() -> None:
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/results/quality_cls_runs", help="job output directories")
+    p.add_argument("--out", default="runs/quality_cls", help="job output directories (metrics.json of each)")
     p.add_argument("--keep-models", action="store_true",
                    help="keep every saved model and checkpoint (else only metrics.json)")
     p.add_argument("--vib", action="append", default=[], metavar="KEY=VALUE",
