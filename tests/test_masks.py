@@ -210,6 +210,38 @@ def test_cut_units_count_as_gone_in_the_soft_size():
     assert ratio <= 0.7 + 1e-3
 
 
+@pytest.mark.parametrize("m", [8, 64])
+@pytest.mark.parametrize("keep", [0.8, 0.5])
+def test_multiple_of_refits_the_budget_instead_of_rounding_it_away(m, keep):
+    """Rounding the hidden width alone down to a multiple of 64 can cost ~10 % of a model (each hidden channel runs
+    through the embeddings and every layer); the decision refits the other units around the rounded widths, so the
+    size lands within 1 % of the target, with multiples everywhere and the same hidden width as without rounding up
+    to the nearest multiple."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    mm = attach_masks(LlamaForCausalLM(cfg))
+    _randomise(mm, seed=3)
+    budget = Budget("params_ratio", keep)
+    plain = decide(mm, budget, use_threshold=False)
+    for mask in mm.masks().values():
+        mask.reset_decision()
+    d = decide(mm, budget, use_threshold=False, multiple_of=m)
+    assert 0.99 * d["target"] <= d["size"] <= d["target"]
+    assert abs(d["shape"].hidden - plain["shape"].hidden) <= m // 2 and d["shape"].hidden % m == 0
+    for name, mask in mm.masks().items():
+        if name.endswith(".neurons") and bool(mm.masks()[name.replace("neurons", "ffn")].decided.all()):
+            c = int(mask.decided.sum())
+            assert c % m == 0 or c < m, (name, c)
+    # an iterative (monotone) decision at a smaller size keeps a subset and the multiples
+    before = {name: mask.decided.clone() for name, mask in mm.masks().items()}
+    d2 = decide(mm, Budget("params_ratio", keep - 0.1), use_threshold=False, monotone=True, multiple_of=m)
+    assert d2["size"] <= d2["target"] and d2["shape"].hidden % m == 0
+    for name, mask in mm.masks().items():
+        assert not (mask.decided & ~before[name]).any(), name
+
+
 def test_multiple_of_rounds_hidden_and_neurons_and_still_materialises_exactly():
     model = make_tiny("llama", "lm")
     x = _inputs("llama")

@@ -154,7 +154,7 @@ class BudgetConfig:
     flops_seq_len: int = 512  # FLOPs per token are measured at this sequence length
     warmup_fraction: float = 0.5  # the target ramps from dense to final over this share of the steps
     decide_every: int = 5  # iterative pruning: every N steps the units over the scheduled target are cut (0: only at the end)
-    multiple_of: int = 1  # kept hidden channels and per-layer FFN neurons rounded down to a multiple (8 / 64 for GPUs)
+    multiple_of: int = 1  # hidden and per-layer FFN widths kept at multiples (8 / 64 suit GPUs), budget refitted
 
     def __post_init__(self):
         _one_of("budget.kind", self.kind, BUDGET_KINDS)

@@ -45,9 +45,9 @@ def prepare_data(cfg: Config, tokenizer):
     """(train, heldout) model inputs and their document counts: the documents every job uses (split before
     tokenising, so the parts never overlap).
 
-    Fast-VTrans trains on FAST_FRACTION of the training documents unless data.train_fraction says otherwise, but on
-    no fewer documents than give mask.calibration_blocks sequences, the data a one-shot baseline calibrates on: 3 % of a small
-    set (5 of 160 sentences) is too little to rank units on, let alone train weights."""
+    Fast-VTrans trains on FAST_FRACTION of the training documents unless data.train_fraction says otherwise, but
+    on no fewer documents than give mask.calibration_blocks sequences, the data a one-shot baseline calibrates on:
+    3 % of a small set (5 of 160 sentences) is too little to rank units on, let alone train weights."""
     train_docs, held_docs = documents(cfg)
     tokenised = {}
 

@@ -3,7 +3,8 @@
 Units of every masked structure are ranked together by importance (VIB: -log_alpha). Starting from the
 threshold rule (keep when log_alpha < 0), the least important kept units are removed until the size is at
 or under the target, then the most important removed units that still fit are added back, so the final
-size lands at or under the target and as close to it as the unit sizes allow.
+size lands at or under the target and as close to it as the unit sizes allow. With `multiple_of` the hidden width and
+the per-layer FFN widths are kept at multiples and the budget is refitted around them (see `decide`).
 """
 from __future__ import annotations
 
@@ -115,9 +116,11 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
            multiple_of: int = 1) -> dict:
     """Choose the kept units, store the decision in the masks, and return a summary. With `monotone`, units cut by
     an earlier decision (iterative pruning) stay cut: they were trained without, so they cannot re-enter.
-    `multiple_of` > 1 rounds the kept hidden channels and each layer's kept FFN neurons down to a multiple of it
-    (dropping the least important; counts below it stay), so the pruned matrices keep shapes that GPU matrix units
-    run efficiently; the size then lands a little further under the target."""
+    `multiple_of` > 1 keeps the hidden channels and each layer's FFN neurons at a multiple of it (counts below it
+    stay), so the pruned matrices keep shapes that GPU matrix units run efficiently: the hidden count goes to the
+    nearest multiple and the other units are refitted to the budget around it, then each layer's neurons are rounded
+    down (least important out) and the freed budget is refilled with whole chunks of neurons and single heads, most
+    important first."""
     check_reachable(mm, budget)
     units = _Units(mm)
     target = budget.target_size(mm.dense)
@@ -130,12 +133,32 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
         keep &= units.allowed
     if "hidden" in units.slices and not keep[slice(*units.slices["hidden"])].any():
         keep[units.slices["hidden"][0] + int(np.argmax(units.importance[slice(*units.slices["hidden"])]))] = True
+    threshold_size = float(budget.size(units.shape(keep)))
+    fixed = np.zeros(units.n, dtype=bool)
+    _fit(units, keep, fixed, order, budget, target, monotone)
+    if multiple_of > 1:
+        _fit_multiples(units, keep, fixed, order, budget, target, monotone, multiple_of)
+    for name, m in mm.masks().items():
+        a, b = units.slices[name]
+        m.decide(torch.from_numpy(keep[a:b].copy()))
+    shape = units.shape(keep)
+    return {
+        "target": target,
+        "size": float(budget.size(shape)),
+        "threshold_size": threshold_size,
+        "dense_size": float(budget.size(mm.dense)),
+        "shape": shape,
+    }
 
+
+def _fit(units: _Units, keep: np.ndarray, fixed: np.ndarray, order: np.ndarray, budget: Budget, target: float,
+         monotone: bool) -> None:
+    """Bring `keep` to the budget in place, leaving the `fixed` units as they are: remove the least important kept
+    units until the size is at or under the target, then add back the most important removed units that fit."""
     size = lambda k: float(budget.size(units.shape(k)))  # noqa: E731
-    threshold_size = size(keep)
     # 1. remove the least important kept units until the budget is met (binary search on the prefix)
-    if threshold_size > target:
-        removable = [u for u in order if keep[u]]
+    if size(keep) > target:
+        removable = [u for u in order if keep[u] and not fixed[u]]
         if "hidden" in units.slices:  # never remove the last hidden channel
             hs, he = units.slices["hidden"]
             best_hidden = max((u for u in removable if hs <= u < he), key=lambda u: units.importance[u], default=None)
@@ -155,7 +178,7 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
     current = size(keep)
     inner = {KIND_CODES["attention"]: KIND_CODES["heads"], KIND_CODES["ffn"]: KIND_CODES["neurons"]}
     for u in order[::-1]:
-        if keep[u] or (monotone and not units.allowed[u]):
+        if keep[u] or fixed[u] or (monotone and not units.allowed[u]):
             continue
         if target - current < 1e-4 * target:
             break
@@ -182,31 +205,62 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
             counts[idx] -= 1
             if trimmed:
                 counts[sub_idx] += len(trimmed)
-    if multiple_of > 1:
-        _round_down(units, keep, multiple_of)
-    for name, m in mm.masks().items():
-        a, b = units.slices[name]
-        m.decide(torch.from_numpy(keep[a:b].copy()))
-    shape = units.shape(keep)
-    return {
-        "target": target,
-        "size": float(budget.size(shape)),
-        "threshold_size": threshold_size,
-        "dense_size": float(budget.size(mm.dense)),
-        "shape": shape,
-    }
 
 
-def _round_down(units: _Units, keep: np.ndarray, m: int) -> None:
-    """Kept hidden channels and each layer's kept neurons rounded down to a multiple of m, least important out."""
+def _fit_multiples(units: _Units, keep: np.ndarray, fixed: np.ndarray, order: np.ndarray, budget: Budget,
+                   target: float, monotone: bool, m: int) -> None:
+    """Hidden channels and per-layer neurons at multiples of m, the budget refitted around them (see decide)."""
+    may_keep = units.allowed if monotone else np.ones(units.n, dtype=bool)
+    ranked = lambda idx: sorted(idx, key=lambda u: -units.importance[u])  # noqa: E731  most important first
+    if "hidden" in units.slices:  # the hidden width costs the most per unit (embeddings, every layer): round to the
+        a, b = units.slices["hidden"]  # nearest multiple, then refit the other units to the budget around it
+        h = int(keep[a:b].sum())
+        if h > m and h % m:
+            candidates = ranked([u for u in range(a, b) if may_keep[u]])
+            down, up = h - h % m, h - h % m + m
+            new = up if (up - h < h - down and up <= len(candidates)) else down
+            keep[a:b] = False
+            keep[candidates[:new]] = True
+        fixed[a:b] = True
+        _fit(units, keep, fixed, order, budget, target, monotone)
+    layers = {}  # layer -> its neuron units
     for name, (a, b) in units.slices.items():
-        if not (name == "hidden" or name.endswith(".neurons")):
-            continue
-        kept = [u for u in range(a, b) if keep[u]]
-        extra = len(kept) % m
-        if extra and len(kept) > m:
-            kept.sort(key=lambda u: units.importance[u])
-            keep[kept[:extra]] = False
+        if name.endswith(".neurons"):
+            kept = ranked([u for u in range(a, b) if keep[u]])
+            if len(kept) > m and len(kept) % m:
+                keep[kept[len(kept) - len(kept) % m:]] = False
+            layers[int(name.split(".")[1])] = (a, b)
+    # refill the freed budget: whole chunks of neurons (up to the layer's next multiple) and single heads, most
+    # important first; blocks removed by the fit stay removed
+    counts = units.counts(keep)
+    current = float(budget.size(units.shape_from_counts(counts)))
+
+    def block_kept(block: str, i: int) -> bool:
+        return f"layers.{i}.{block}" not in units.slices or counts[KIND_CODES[block], i] > 0
+
+    free_heads = [u for u in order[::-1] if units.kind[u] == KIND_CODES["heads"] and not keep[u] and may_keep[u]
+                  and block_kept("attention", units.layer[u])]
+    free_neurons = {i: ranked([u for u in range(a, b) if not keep[u] and may_keep[u]])
+                    for i, (a, b) in layers.items() if block_kept("ffn", i)}
+    while target - current >= 1e-4 * target:
+        options = [(units.importance[u], [u], (KIND_CODES["heads"], units.layer[u])) for u in free_heads]
+        for i, free in free_neurons.items():
+            chunk = free[:m - int(counts[KIND_CODES["neurons"], i]) % m]
+            if chunk and len(chunk) == m - int(counts[KIND_CODES["neurons"], i]) % m:
+                options.append((float(np.mean(units.importance[chunk])), chunk, (KIND_CODES["neurons"], i)))
+        for _, add, idx in sorted(options, key=lambda o: -o[0]):
+            counts[idx] += len(add)
+            s = float(budget.size(units.shape_from_counts(counts)))
+            if s <= target:
+                keep[add], current = True, s
+                if idx[0] == KIND_CODES["heads"]:
+                    free_heads.remove(add[0])
+                else:
+                    del free_neurons[idx[1]][:len(add)]
+                break
+            counts[idx] -= len(add)
+        else:
+            break
 
 
 def decide_uniform(mm: MaskedModel, budget: Budget) -> dict:
