@@ -80,6 +80,11 @@ def test_cluster_group_selects_the_submitit_launcher(cluster, target):
     assert load_config(_compose([f"cluster={cluster}"])) == load_config(_compose())  # the job config is unchanged
 
 
+def test_multiple_of_is_refused_with_a_uniform_export():
+    with pytest.raises(ValueError, match="budget.multiple_of=8 does not apply with export_uniform=true"):
+        load_config(_compose(["export_uniform=true", "budget.multiple_of=8"]))
+
+
 def test_budget_multiple_of_must_be_positive():
     import pytest as _pytest
     from vtrans.config import BudgetConfig

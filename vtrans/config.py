@@ -353,6 +353,10 @@ class Config:
         if self.eval.primary and self.eval.primary not in PRIMARY_BY_TASK[self.model.task]:
             raise ValueError(f"eval.primary={self.eval.primary!r} is not reported for model.task={self.model.task}; "
                              f"choose one of {list(PRIMARY_BY_TASK[self.model.task])}")
+        if self.export_uniform and self.budget.multiple_of > 1:
+            raise ValueError(f"budget.multiple_of={self.budget.multiple_of} does not apply with export_uniform=true "
+                             "(the uniform decision sets one width per structure for stock classes); use "
+                             "budget.multiple_of=1 or export_uniform=false")
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
         if self.model.task == "question_answering":
