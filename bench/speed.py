@@ -4,6 +4,7 @@ KV cache under torch.compile (CUDA graphs on GPU), next to parameters and FLOPs 
     python bench/speed.py --dense package:smollm2 --pruned runs/x/model runs/y/model --prompt-lens 128 512
     python bench/speed.py --from-config --dense cfgs/dense --pruned cfgs/p20 cfgs/p50     # random weights
     python bench/speed.py --dense package:smollm2 --pruned runs/x/model --save-configs cfgs  # config.json only
+    python bench/speed.py --dense package:smollm2 --pruned runs/x/model --rounds 3  # pooled over 3 rounds (CPU)
 
 A model is a saved model directory (vtrans pruned classes load with trust_remote_code, or from vtrans when the
 directory holds no pruned_modeling.py; stock classes after a uniform export), `package:<name>` (conf/model/<name>.yaml,
@@ -350,7 +351,7 @@ def environment(device: torch.device, dtype: torch.dtype, args) -> dict:
             "compile_mode": mode, "from_config": args.from_config, "batch": args.batch,
             "prompt_lens": args.prompt_lens, "decode_batch": args.decode_batch,
             "decode_prompt_len": args.decode_prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "eager_repeats": args.eager_repeats, "warmup": args.warmup}
+            "eager_repeats": args.eager_repeats, "warmup": args.warmup, "rounds": args.rounds}
 
 
 def table(rows: list[dict], env: dict) -> str:
@@ -364,8 +365,11 @@ def table(rows: list[dict], env: dict) -> str:
                    f"eager decode tok/s b{batch}", "static = eager"]
     header.append("compile s")
 
-    def cell(value: float, base: float, fmt: str, faster_is_larger: bool) -> str:
+    def cell(value: float, base: float, fmt: str, faster_is_larger: bool, spread=None) -> str:
         x = value / base if faster_is_larger else base / value
+        if spread and len(spread) > 1:  # several rounds: the median and range of the paired per-round speed-ups
+            x = statistics.median(spread)
+            return f"{value:{fmt}} ({x:.2f}x, {min(spread):.2f}-{max(spread):.2f})"
         return f"{value:{fmt}} ({x:.2f}x)"
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -374,11 +378,11 @@ def table(rows: list[dict], env: dict) -> str:
         ratio = r["gflops_per_token"][top] / dense["gflops_per_token"][top]
         cells = [r["model"] + (" *" if mixed and r["random_weights"] else ""), f"{r['params']:,}",
                  f"{r['gflops_per_token'][top]:.4g}", f"{ratio:.3f}", f"{1 / ratio:.2f}x"]
-        cells += [cell(1e3 * p["seconds"], 1e3 * dense["prefill"][n]["seconds"], ".2f", False)
-                  for n, p in r["prefill"].items()]
+        cells += [cell(1e3 * p["seconds"], 1e3 * dense["prefill"][n]["seconds"], ".2f", False,
+                       p.get("round_speedups")) for n, p in r["prefill"].items()]
         for batch, d in r["decode"].items():
             base = dense["decode"][batch]
-            cells += [cell(d["tokens_per_s"], base["tokens_per_s"], ".1f", True),
+            cells += [cell(d["tokens_per_s"], base["tokens_per_s"], ".1f", True, d.get("round_speedups")),
                       cell(d["eager_tokens_per_s"], base["eager_tokens_per_s"], ".1f", True),
                       "yes" if d["greedy_match"] else f"no (token {d['first_mismatch']})"]
         cells.append(f"{r['compile_s']:.1f}")
@@ -388,12 +392,16 @@ def table(rows: list[dict], env: dict) -> str:
         weights = "* random weights from config.json. "
     else:
         weights = "Random weights from config.json. " if rows[0]["random_weights"] else ""
+    rounds = env.get("rounds", 1)
+    pooled = (f" Each model ran in {rounds} rounds (the model order reversed on odd rounds): times and tokens/s "
+              "are medians over all rounds' timings; a speed-up with a range is the median of the per-round "
+              "speed-ups (each against that round's dense), then their range." if rounds > 1 else "")
     notes = (f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, "
              f"torch.compile mode {env['compile_mode']}. {weights}Prefill: batch {env['batch']}, {prefill_mode}, "
              f"median of {env['repeats']}; decode: {env['new_tokens']} new tokens after a {env['decode_prompt_len']}-"
              f"token prompt, static KV cache, median of {env['repeats']}; eager decode: dynamic cache, median of "
              f"{env['eager_repeats']}. Speed-ups (x) against {dense['model']}; ideal x = 1 / FLOPs ratio; compile s = "
-             "compilation and warm-up wall time, not in the timings.")
+             f"compilation and warm-up wall time, not in the timings.{pooled}")
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 
@@ -414,6 +422,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--rounds", type=int, default=1, help="run every model this many times, the order reversed on "
+                   "odd rounds, and pool the timings (a shared machine's drift then favours no model)")
     p.add_argument("--eager-repeats", type=int, default=3, help="timed repeats of the (slow) eager decode")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs after compiling (default: 3 GPU, 1 CPU)")
     p.add_argument("--no-compile", action="store_true", help="no torch.compile: the static-cache step runs eagerly")
@@ -431,6 +441,8 @@ def main(argv=None) -> dict:
     specs = [args.dense, *args.pruned]
     if args.names is not None and len(args.names) != len(specs):
         raise SystemExit(f"--names: {len(args.names)} names for {len(specs)} models")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds={args.rounds}: must be >= 1")
     if args.save_configs:
         for i, spec in enumerate(specs):
             label = args.names[i] if args.names else resolve(spec.removeprefix("config:"))[0]
@@ -446,24 +458,69 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     env = environment(device, dtype, args)
-    rows = []
-    for i, spec in enumerate(specs):
-        t = time.perf_counter()
-        label, model, random_weights = load_model(spec, args.from_config, device, dtype)
-        label = args.names[i] if args.names else label
-        print(f"{label}: loaded {type(model).__name__} in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-        rows.append(bench_model(label, model, device, args, random_weights))
-        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-        if args.out:  # partial results survive an interrupted run
-            _write(Path(args.out), table(rows, env), env, rows)
-        del model
-        torch._dynamo.reset()  # drop this model's graphs (and CUDA-graph pools) before the next one
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    rounds = []  # per round, {model index: row}
+    for r in range(args.rounds):
+        # odd rounds run the models in reverse, so a machine getting slower or faster over the run favours none
+        order = list(range(len(specs)))[::-1 if r % 2 else 1]
+        done = {}
+        for i in order:
+            t = time.perf_counter()
+            label, model, random_weights = load_model(specs[i], args.from_config, device, dtype)
+            label = args.names[i] if args.names else label
+            tag = f"{label}" + (f" (round {r + 1}/{args.rounds})" if args.rounds > 1 else "")
+            print(f"{tag}: loaded {type(model).__name__} in {time.perf_counter() - t:.1f} s", file=sys.stderr,
+                  flush=True)
+            done[i] = bench_model(label, model, device, args, random_weights)
+            print(f"{tag}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+            if args.out:  # partial results survive an interrupted run
+                partial = merge_rounds(rounds + [done])
+                _write(Path(args.out), table(partial, env), env, partial)
+            del model
+            torch._dynamo.reset()  # drop this model's graphs (and CUDA-graph pools) before the next one
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+        rounds.append(done)
+    rows = merge_rounds(rounds)
     text = table(rows, env)
     print(text)
     return {"environment": env, "rows": rows, "table": text}
+
+
+def merge_rounds(rounds: list[dict[int, dict]]) -> list[dict]:
+    """One row per model (index order) from the rounds' {model index: row}: the timings of every round pooled
+    (medians over all of them), each round's median and speed-up against that round's dense (index 0) kept as
+    `round_seconds` / `round_speedups`. A partial round (an interrupted run) contributes the models it has."""
+    out = []
+    for i in sorted({i for rnd in rounds for i in rnd}):
+        runs = [rnd[i] for rnd in rounds if i in rnd]
+        bases = [rnd.get(0) for rnd in rounds if i in rnd]
+        row = dict(runs[0], prefill={}, decode={}, rounds=len(runs))
+        for n in runs[0]["prefill"]:
+            p = dict(runs[0]["prefill"][n])
+            p["all_seconds"] = [t for x in runs for t in x["prefill"][n]["all_seconds"]]
+            p["seconds"] = statistics.median(p["all_seconds"])
+            p["round_seconds"] = [x["prefill"][n]["seconds"] for x in runs]
+            p["round_speedups"] = [b["prefill"][n]["seconds"] / x["prefill"][n]["seconds"]
+                                   for x, b in zip(runs, bases) if b is not None]
+            row["prefill"][n] = p
+        for batch in runs[0]["decode"]:
+            d = dict(runs[0]["decode"][batch])
+            k = d["batch"] * d["new_tokens"]
+            for key, rate in (("all_seconds", "tokens_per_s"), ("all_eager_seconds", "eager_tokens_per_s")):
+                d[key] = [t for x in runs for t in x["decode"][batch][key]]
+                d[rate] = k / statistics.median(d[key])
+            d["seconds"], d["eager_seconds"] = statistics.median(d["all_seconds"]), statistics.median(
+                d["all_eager_seconds"])
+            d["greedy_match"] = all(x["decode"][batch]["greedy_match"] for x in runs)
+            d["first_mismatch"] = next((x["decode"][batch]["first_mismatch"] for x in runs
+                                        if not x["decode"][batch]["greedy_match"]), None)
+            d["round_speedups"] = [x["decode"][batch]["tokens_per_s"] / b["decode"][batch]["tokens_per_s"]
+                                   for x, b in zip(runs, bases) if b is not None]
+            row["decode"][batch] = d
+        row["compile_s"] = statistics.fmean(x["compile_s"] for x in runs)
+        out.append(row)
+    return out
 
 
 def _write(out: Path, text: str, env: dict, rows: list[dict]) -> None:

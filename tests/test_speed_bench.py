@@ -3,6 +3,7 @@ per model with positive numbers, from saved directories and from config.json alo
 equal to eager greedy tokens (including a layer without attention and a layer without FFN). No speed is asserted."""
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,35 @@ def test_speed_bench_on_saved_models(model_dirs, tmp_path):
     assert out.read_text() == result["table"]
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["environment"]["dtype"] == "float32" and len(saved["rows"]) == 3
+
+
+def test_speed_bench_rounds_pool_the_timings_in_alternating_order(model_dirs, tmp_path, capsys):
+    """--rounds 2: every model runs twice, the second round in reverse order; the timings are pooled and each
+    round's speed-up against that round's dense is kept."""
+    result = speed.main(["--dense", str(model_dirs[0]), "--pruned", str(model_dirs[1]), "--names", "dense", "p",
+                         "--no-compile", "--rounds", "2", *FAST])
+    assert [r["model"] for r in result["rows"]] == ["dense", "p"]
+    log = [line.split(":")[0] for line in capsys.readouterr().err.splitlines() if line.endswith(" s") and "done" in line]
+    assert log == ["dense (round 1/2)", "p (round 1/2)", "p (round 2/2)", "dense (round 2/2)"]
+    dense, pruned = result["rows"]
+    repeats = result["environment"]["repeats"]
+    for row in (dense, pruned):
+        assert row["rounds"] == 2
+        for p in row["prefill"].values():
+            assert len(p["all_seconds"]) == 2 * repeats and p["seconds"] == statistics.median(p["all_seconds"])
+            assert len(p["round_seconds"]) == 2 and len(p["round_speedups"]) == 2
+        d = row["decode"]["1"]
+        assert len(d["all_seconds"]) == 2 * repeats and len(d["round_speedups"]) == 2
+        assert d["tokens_per_s"] == pytest.approx(d["new_tokens"] / statistics.median(d["all_seconds"]))
+    assert dense["decode"]["1"]["round_speedups"] == [1.0, 1.0]
+    for n, p in pruned["prefill"].items():
+        assert p["round_speedups"] == pytest.approx(
+            [b / x for b, x in zip(dense["prefill"][n]["round_seconds"], p["round_seconds"])])
+    assert "in 2 rounds" in result["table"] and "x, " in result["table"]  # the per-round range next to a speed-up
+    x = statistics.median(pruned["decode"]["1"]["round_speedups"])
+    assert f"({x:.2f}x, " in result["table"]  # the paired (per-round) speed-up, not the ratio of pooled medians
+    with pytest.raises(SystemExit, match="--rounds=0"):
+        speed.main(["--dense", str(model_dirs[0]), "--rounds", "0"])
 
 
 def test_speed_bench_from_config_only(model_dirs, tmp_path):
