@@ -242,6 +242,22 @@ def test_multiple_of_refits_the_budget_instead_of_rounding_it_away(m, keep):
         assert not (mask.decided & ~before[name]).any(), name
 
 
+def test_multiple_of_rounds_the_hidden_width_down_when_up_cannot_fit():
+    """With only the hidden width masked nothing else can make room: the nearest multiple above would break the
+    budget, so the width goes down instead."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    mm = attach_masks(LlamaForCausalLM(cfg), structures=("hidden",))
+    _randomise(mm, seed=4)
+    budget = Budget("params_ratio", 0.999)  # 575 hidden channels fit; 576, the nearest multiple of 64, does not
+    assert decide(mm, budget, use_threshold=False)["shape"].hidden == 575
+    mm.hidden.reset_decision()
+    d = decide(mm, budget, use_threshold=False, multiple_of=64)
+    assert d["shape"].hidden == 512 and d["size"] <= d["target"]
+
+
 def test_multiple_of_rounds_hidden_and_neurons_and_still_materialises_exactly():
     model = make_tiny("llama", "lm")
     x = _inputs("llama")

@@ -215,14 +215,21 @@ def _fit_multiples(units: _Units, keep: np.ndarray, fixed: np.ndarray, order: np
     if "hidden" in units.slices:  # the hidden width costs the most per unit (embeddings, every layer): round to the
         a, b = units.slices["hidden"]  # nearest multiple, then refit the other units to the budget around it
         h = int(keep[a:b].sum())
+        fixed[a:b] = True
         if h > m and h % m:
             candidates = ranked([u for u in range(a, b) if may_keep[u]])
             down, up = h - h % m, h - h % m + m
-            new = up if (up - h < h - down and up <= len(candidates)) else down
-            keep[a:b] = False
-            keep[candidates[:new]] = True
-        fixed[a:b] = True
-        _fit(units, keep, fixed, order, budget, target, monotone)
+            widths = [up, down] if (up - h < h - down and up <= len(candidates)) else [down]
+            before = keep.copy()
+            for width in widths:  # rounding up may not fit even with every other unit refitted: then down
+                keep[:] = before
+                keep[a:b] = False
+                keep[candidates[:width]] = True
+                _fit(units, keep, fixed, order, budget, target, monotone)
+                if float(budget.size(units.shape(keep))) <= target:
+                    break
+        else:
+            _fit(units, keep, fixed, order, budget, target, monotone)
     layers = {}  # layer -> its neuron units
     for name, (a, b) in units.slices.items():
         if name.endswith(".neurons"):
