@@ -225,6 +225,7 @@ def test_subsample_at_least_grows_a_nested_subset_to_the_minimum(lee, polarity):
         return sum(d.text.count(".") for d in docs)
 
     sub = subsample_at_least(lee, 0.03, 0, minimum=400, size=sentences)
+    assert len(set(calls)) == len(calls)  # each subset tried is measured (tokenised) once
     assert sentences(sub) >= 400 and all(any(d is g for g in sub) for d in subsample(lee, 0.03, 0))
     assert len(calls) <= 6  # grows in proportion to the shortfall, not one document at a time
 

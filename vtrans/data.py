@@ -348,14 +348,16 @@ def subsample_at_least(
     """subsample(docs, fraction, seed), grown while size(subset) < minimum (and documents remain).
 
     Growth adds documents in a fixed seeded order, so each larger subset contains the smaller ones and the first is
-    exactly subsample's; `size` measures a subset (e.g. the sequences it tokenises into) and is called about twice."""
-    first = subsample(docs, fraction, seed)
-    if minimum <= 0 or size(first) >= minimum or len(first) == len(docs):
-        return first
-    chosen = random.Random(seed).sample(range(len(docs)), len(first))
+    exactly subsample's; `size` measures a subset (e.g. the sequences it tokenises into), once per subset tried, and
+    the subset returned is the last one it measured."""
+    subset = subsample(docs, fraction, seed)
+    have = size(subset)
+    if have >= minimum or len(subset) == len(docs):
+        return subset
+    chosen = random.Random(seed).sample(range(len(docs)), len(subset))
     rest = sorted(set(range(len(docs))) - set(chosen))
     random.Random(seed + 1).shuffle(rest)
-    order, n, have = chosen + rest, len(first), size(first)
+    order, n = chosen + rest, len(subset)
     while have < minimum and n < len(docs):
         # grow in proportion to the shortfall (exact when a document is one sequence), by at least one document
         n = min(len(docs), max(n + 1, math.ceil(n * minimum / max(have, 1))))

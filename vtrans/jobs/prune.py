@@ -49,21 +49,21 @@ def prepare_data(cfg: Config, tokenizer):
     on no fewer documents than give mask.calibration_blocks sequences, the data a one-shot baseline calibrates on:
     3 % of a small set (5 of 160 sentences) is too little to rank units on, let alone train weights."""
     train_docs, held_docs = documents(cfg)
-    tokenised = {}
-
-    def sequences(docs: list) -> int:
-        tokenised[len(docs)] = task_data(cfg, tokenizer, docs, training=True)
-        return len(tokenised[len(docs)])
-
     if cfg.mask.variant == "fast" and cfg.data.train_fraction == 1.0:
+        measured = {}  # the subset returned is the last one measured: its tokenisation is the training data
+
+        def sequences(docs: list) -> int:
+            measured["train"] = task_data(cfg, tokenizer, docs, training=True)
+            return len(measured["train"])
+
         n_all = len(train_docs)
         train_docs = D.subsample_at_least(train_docs, FAST_FRACTION, cfg.data.seed, cfg.mask.calibration_blocks,
                                           size=sequences)
+        train = measured["train"]
         log.info("Fast-VTrans trains on %d of %d training documents (%.1f %%, %d sequences; at least "
                  "mask.calibration_blocks=%d sequences)", len(train_docs), n_all, 100 * len(train_docs) / n_all,
-                 len(tokenised[len(train_docs)]), cfg.mask.calibration_blocks)
-    train = tokenised.get(len(train_docs))
-    if train is None:
+                 len(train), cfg.mask.calibration_blocks)
+    else:
         train = task_data(cfg, tokenizer, train_docs, training=True)
     return train, task_data(cfg, tokenizer, held_docs), len(train_docs), len(held_docs)
 

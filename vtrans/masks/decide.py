@@ -252,8 +252,9 @@ def _fit_multiples(units: _Units, keep: np.ndarray, fixed: np.ndarray, order: np
     while target - current >= 1e-4 * target:
         options = [(units.importance[u], [u], (KIND_CODES["heads"], units.layer[u])) for u in free_heads]
         for i, free in free_neurons.items():
-            chunk = free[:m - int(counts[KIND_CODES["neurons"], i]) % m]
-            if chunk and len(chunk) == m - int(counts[KIND_CODES["neurons"], i]) % m:
+            need = m - int(counts[KIND_CODES["neurons"], i]) % m  # up to the layer's next multiple
+            if len(free) >= need:
+                chunk = free[:need]
                 options.append((float(np.mean(units.importance[chunk])), chunk, (KIND_CODES["neurons"], i)))
         for _, add, idx in sorted(options, key=lambda o: -o[0]):
             counts[idx] += len(add)
