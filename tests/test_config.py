@@ -80,6 +80,11 @@ def test_cluster_group_selects_the_submitit_launcher(cluster, target):
     assert load_config(_compose([f"cluster={cluster}"])) == load_config(_compose())  # the job config is unchanged
 
 
+def test_calibration_blocks_must_be_positive():
+    with pytest.raises(ValueError, match="mask.calibration_blocks=0 must be >= 1"):
+        load_config(_compose(["mask.calibration_blocks=0"]))
+
+
 def test_multiple_of_is_refused_with_a_uniform_export():
     with pytest.raises(ValueError, match="budget.multiple_of=8 does not apply with export_uniform=true"):
         load_config(_compose(["export_uniform=true", "budget.multiple_of=8"]))

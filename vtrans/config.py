@@ -140,6 +140,9 @@ class MaskConfig:
             _one_of("mask.kl_weights key", s, STRUCTURES)
         if self.k <= 0:
             raise ValueError(f"mask.k={self.k} must be > 0")
+        if self.calibration_blocks < 1:
+            raise ValueError(f"mask.calibration_blocks={self.calibration_blocks} must be >= 1 (training sequences the "
+                             "one-shot scorers and the warm start score on; also Fast-VTrans's minimum data)")
         _one_of("mask.init_from", self.init_from, INIT_SCORERS)
         if self.init_spread <= 0:
             raise ValueError(f"mask.init_spread={self.init_spread} must be > 0")
