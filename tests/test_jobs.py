@@ -221,9 +221,9 @@ def test_evaluate_squad_reports_exact_match_and_f1(assets, tmp_path):
 
 
 def test_lm_eval_is_optional_and_its_absence_is_named(assets, tmp_path, monkeypatch):
-    import vtrans.jobs.evaluate as evaluate_job
+    import vtrans.evaluation as evaluation
 
-    monkeypatch.setattr(evaluate_job, "lm_eval_available", lambda: False)  # as on a machine without lm-eval
+    monkeypatch.setattr(evaluation, "lm_eval_available", lambda: False)  # as on a machine without lm-eval
     with pytest.raises(ImportError, match=r"pip install lm-eval"):
         run(compose_cfg(lm_overrides(assets, tmp_path, "job=evaluate", "eval.lm_eval_tasks=[piqa]")))
     assert not (tmp_path / "metrics.json").exists()
@@ -329,7 +329,7 @@ def _materialised(model, keep_kv, keep_neurons, keep_hidden=None, structures=("h
 
 
 def _save_pruned(pruned, tok, path):
-    from vtrans.models.pruned_modeling import save_pruned
+    from vtrans.models import save_pruned
 
     save_pruned(pruned, path)
     tok.save_pretrained(path)
@@ -354,7 +354,7 @@ def test_export_makes_a_standalone_vtrans_dir(pruned_llama, assets, tmp_path):
     m = run(compose_cfg(lm_overrides(assets, tmp_path, "job=export", f"model_dir={prune_out / 'model'}")))
     dest = Path(m["export_dir"])
     assert m["format"] == "vtrans" and m["trust_remote_code"] and m["max_abs_diff"] < 1e-5
-    assert (dest / "pruned_modeling.py").is_file() and (dest / "tokenizer.json").is_file()
+    assert (dest / "llama.py").is_file() and (dest / "common.py").is_file() and (dest / "tokenizer.json").is_file()
     assert json.loads((dest / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
     assert m["params"] == pm["params_pruned"]
     cls, module = _load_without_vtrans(dest, "AutoModelForCausalLM").split()
@@ -373,7 +373,7 @@ def test_export_uniform_gives_stock_transformers_classes(assets, tmp_path):
     assert m["format"] == "stock" and not m["trust_remote_code"] and m["model_type"] == "llama"
     dest = Path(m["export_dir"])
     config = json.loads((dest / "config.json").read_text())
-    assert "auto_map" not in config and "vtrans_layers" not in config and not (dest / "pruned_modeling.py").exists()
+    assert "auto_map" not in config and "vtrans_layers" not in config and not list(dest.glob("*.py"))
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (3, 1, 40)
     stock = AutoModelForCausalLM.from_pretrained(dest)
     assert type(stock) is LlamaForCausalLM
@@ -401,7 +401,7 @@ def test_export_uniform_refuses_a_non_uniform_shape_saying_why(assets, tmp_path)
 @pytest.mark.parametrize("family,head", [("llama", "lm"), ("bert", "cls"), ("gpt2", "lm")])
 def test_kept_heads_read_off_pruned_weights_match_the_decision(family, head):
     """Hidden channels pruned, one layer removed entirely, one left with its FFN only."""
-    from vtrans.jobs.probe import decision_record, kept_heads_from_weights
+    from vtrans.jobs.probe import kept_heads_from_weights
 
     tok = minilm_tokenizer()
     over = {"num_hidden_layers": 4} if family != "gpt2" else {"n_layer": 4}
@@ -413,7 +413,7 @@ def test_kept_heads_read_off_pruned_weights_match_the_decision(family, head):
     keep_neurons = [list(range(0, 80, 3)), [], list(range(10, 50)), list(range(80))]
     mm, pruned = _materialised(dense, keep_kv, keep_neurons, keep_hidden=list(range(0, 48, 2)) + [1, 3])
     assert len(pruned.config.vtrans_layers) == 3  # layer 1 is gone
-    truth = decision_record(mm)["kept_heads"]
+    truth = mm.decision().record()["kept_heads"]
     assert truth[1] == [] and truth[2] == []
     assert kept_heads_from_weights(dense, pruned) == truth
 

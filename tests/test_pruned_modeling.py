@@ -1,4 +1,5 @@
-"""Tests for vtrans/models/pruned_modeling.py: per-layer pruned configs and models for llama, bert, roberta, gpt2.
+"""Tests for the pruned config and model classes of every family (vtrans/models/<family>.py): per-layer pruned
+configs and models for llama, mistral, qwen2, bert, roberta, gpt2.
 
 Covers the no-op resize (full shape == stock model), non-uniform pruned shapes (zero-head / zero-FFN layers,
 per-layer GQA, odd hidden sizes), cached generation, and save + reload with and without vtrans on the path.
@@ -14,55 +15,31 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from transformers import (
-    BertConfig,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertModel,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    GPT2Model,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    LlamaModel,
-    RobertaConfig,
-    RobertaForQuestionAnswering,
-    RobertaForSequenceClassification,
-    RobertaModel,
-)
 
-from vtrans.models import pruned_modeling as pm
+from vtrans.models import FAMILIES, modeling_files, register_auto, save_pruned
 
 VOCAB = 100
 HEAD_DIM = 16
 PRUNED_HIDDEN = 50  # divisible by neither 4 nor 8 heads
+LINEAGE = ("llama", "mistral", "qwen2")  # the LLaMA layout with grouped-query attention
 
+_LINEAGE_KWARGS = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=HEAD_DIM, intermediate_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+)
+_ENCODER_KWARGS = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=64)
 STOCK_KWARGS = {
-    "llama": dict(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        head_dim=HEAD_DIM, intermediate_size=128, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "bert": dict(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64,
-    ),
-    "roberta": dict(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=64,
-    ),
-    "gpt2": dict(
-        vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=64, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
-    ),
+    **{f: _LINEAGE_KWARGS for f in LINEAGE},
+    "bert": _ENCODER_KWARGS,
+    "roberta": _ENCODER_KWARGS,
+    "gpt2": dict(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=64, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2),
 }
 FULL_LAYER = {
-    "llama": {"heads": 8, "kv_heads": 2, "intermediate": 128},
-    "bert": {"heads": 4, "kv_heads": 4, "intermediate": 128},
-    "roberta": {"heads": 4, "kv_heads": 4, "intermediate": 128},
-    "gpt2": {"heads": 4, "kv_heads": 4, "intermediate": 128},
+    **{f: {"heads": 8, "kv_heads": 2, "intermediate": 128} for f in LINEAGE},
+    **{f: {"heads": 4, "kv_heads": 4, "intermediate": 128} for f in ("bert", "roberta", "gpt2")},
 }
 
 
@@ -72,46 +49,17 @@ def _layers(*rows):
 
 # Layer 0 has no heads, layer 1 no FFN, heads differ per layer, layer 4 is empty (both blocks removed).
 PRUNED_LAYERS = {
-    "llama": _layers((0, 0, 96), (8, 2, 0), (4, 4, 128), (6, 3, 37), (0, 0, 0)),
-    "bert": _layers((0, 0, 96), (4, 4, 0), (2, 2, 128), (3, 3, 37), (0, 0, 0)),
-    "roberta": _layers((0, 0, 96), (4, 4, 0), (2, 2, 128), (3, 3, 37), (0, 0, 0)),
-    "gpt2": _layers((0, 0, 96), (4, 4, 0), (2, 2, 128), (3, 3, 37), (0, 0, 0)),
+    **{f: _layers((0, 0, 96), (8, 2, 0), (4, 4, 128), (6, 3, 37), (0, 0, 0)) for f in LINEAGE},
+    **{f: _layers((0, 0, 96), (4, 4, 0), (2, 2, 128), (3, 3, 37), (0, 0, 0)) for f in ("bert", "roberta", "gpt2")},
 }
 
-STOCK_CONFIG = {"llama": LlamaConfig, "bert": BertConfig, "roberta": RobertaConfig, "gpt2": GPT2Config}
-VT_CONFIG = {
-    "llama": pm.VTransLlamaConfig,
-    "bert": pm.VTransBertConfig,
-    "roberta": pm.VTransRobertaConfig,
-    "gpt2": pm.VTransGPT2Config,
-}
+STOCK_CONFIG = {name: fam.stock_config for name, fam in FAMILIES.items()}
+VT_CONFIG = {name: fam.pruned_config for name, fam in FAMILIES.items()}
+AUTO = {"none": "AutoModel", "lm": "AutoModelForCausalLM", "cls": "AutoModelForSequenceClassification",
+        "qa": "AutoModelForQuestionAnswering"}
 # (family, head) -> (stock class, vtrans class, Auto class name)
-CLASSES = {
-    ("llama", "model"): (LlamaModel, pm.VTransLlamaModel, "AutoModel"),
-    ("llama", "causal"): (LlamaForCausalLM, pm.VTransLlamaForCausalLM, "AutoModelForCausalLM"),
-    ("llama", "cls"): (
-        LlamaForSequenceClassification, pm.VTransLlamaForSequenceClassification, "AutoModelForSequenceClassification"
-    ),
-    ("bert", "model"): (BertModel, pm.VTransBertModel, "AutoModel"),
-    ("bert", "cls"): (
-        BertForSequenceClassification, pm.VTransBertForSequenceClassification, "AutoModelForSequenceClassification"
-    ),
-    ("bert", "qa"): (BertForQuestionAnswering, pm.VTransBertForQuestionAnswering, "AutoModelForQuestionAnswering"),
-    ("roberta", "model"): (RobertaModel, pm.VTransRobertaModel, "AutoModel"),
-    ("roberta", "cls"): (
-        RobertaForSequenceClassification,
-        pm.VTransRobertaForSequenceClassification,
-        "AutoModelForSequenceClassification",
-    ),
-    ("roberta", "qa"): (
-        RobertaForQuestionAnswering, pm.VTransRobertaForQuestionAnswering, "AutoModelForQuestionAnswering"
-    ),
-    ("gpt2", "model"): (GPT2Model, pm.VTransGPT2Model, "AutoModel"),
-    ("gpt2", "causal"): (GPT2LMHeadModel, pm.VTransGPT2LMHeadModel, "AutoModelForCausalLM"),
-    ("gpt2", "cls"): (
-        GPT2ForSequenceClassification, pm.VTransGPT2ForSequenceClassification, "AutoModelForSequenceClassification"
-    ),
-}
+CLASSES = {(name, head): (fam.stock_models[head], cls, AUTO[head])
+           for name, fam in FAMILIES.items() for head, cls in fam.pruned_models.items()}
 CASES = sorted(CLASSES)
 OUTPUT_KEYS = ("logits", "start_logits", "end_logits", "last_hidden_state", "pooler_output")
 
@@ -147,14 +95,16 @@ def _base(model):
 
 def _layer_modules(family, model):
     base = _base(model)
-    return {"llama": lambda: base.layers, "gpt2": lambda: base.h}.get(family, lambda: base.encoder.layer)()
+    return {"gpt2": lambda: base.h, "bert": lambda: base.encoder.layer,
+            "roberta": lambda: base.encoder.layer}.get(family, lambda: base.layers)()
 
 
 def _expected_layer_params(family, hidden, heads, kv_heads, intermediate, attention_bias=False, mlp_bias=False):
     q, kv = heads * HEAD_DIM, kv_heads * HEAD_DIM
-    if family == "llama":
+    if family in LINEAGE:
         attn = hidden * q + 2 * hidden * kv + q * hidden
         attn += (q + 2 * kv + hidden) if attention_bias else 0
+        attn += (q + 2 * kv) if family == "qwen2" else 0  # qwen2: q/k/v biases, none on o_proj
         mlp = 3 * hidden * intermediate + ((2 * intermediate + hidden) if mlp_bias else 0)
         return attn + mlp + 2 * hidden
     if family == "gpt2":
@@ -213,21 +163,21 @@ def test_config_rejects_bad_layers(family, layers, match):
 
 def test_config_normalises_integer_like_counts(tmp_path):
     layers = [{"heads": torch.tensor(8), "kv_heads": torch.tensor(2), "intermediate": torch.tensor(64)}] * 4
-    config = pm.VTransLlamaConfig(**{**STOCK_KWARGS["llama"], "vtrans_layers": layers})
+    config = VT_CONFIG["llama"](**{**STOCK_KWARGS["llama"], "vtrans_layers": layers})
     assert config.vtrans_layers == [FULL_LAYER["llama"] | {"intermediate": 64}] * 4
     assert all(type(v) is int for layer in config.vtrans_layers for v in layer.values())
     config.save_pretrained(tmp_path)  # plain ints serialise to JSON
-    assert pm.VTransLlamaConfig.from_pretrained(tmp_path).vtrans_layers == config.vtrans_layers
+    assert VT_CONFIG["llama"].from_pretrained(tmp_path).vtrans_layers == config.vtrans_layers
 
 
 def test_config_allows_hidden_not_divisible_by_heads(tmp_path):
     layers = _layers((9, 3, 64), (9, 9, 32))
     kwargs = {**_vt_kwargs("llama", layers, hidden=500), "num_attention_heads": 9, "num_key_value_heads": 3}
-    config = pm.VTransLlamaConfig(**kwargs)
+    config = VT_CONFIG["llama"](**kwargs)
     config.validate()  # the stock `hidden_size % num_attention_heads` check would reject 500 / 9
     config.save_pretrained(tmp_path)  # save_pretrained runs the strict validators too
-    assert pm.VTransLlamaConfig.from_pretrained(tmp_path).hidden_size == 500
-    model = pm.VTransLlamaForCausalLM(config).eval()
+    assert VT_CONFIG["llama"].from_pretrained(tmp_path).hidden_size == 500
+    model = FAMILIES["llama"].pruned_models["lm"](config).eval()
     with torch.no_grad():
         assert model(_input_ids()).logits.shape == (2, 7, VOCAB)
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (9 * HEAD_DIM, 500)
@@ -261,9 +211,9 @@ def test_pruned_shape_forward_and_parameter_counts(family, head):
     model = vt_class(config).eval()
     ids = _input_ids(batch=2, length=7)
     out = _outputs(model, ids)
-    if head == "model":
+    if head == "none":
         assert out["last_hidden_state"].shape == (2, 7, PRUNED_HIDDEN)
-    elif head == "causal":
+    elif head == "lm":
         assert out["logits"].shape == (2, 7, VOCAB)
     elif head == "cls":
         assert out["logits"].shape == (2, 2)
@@ -279,7 +229,7 @@ def test_pruned_shape_forward_and_parameter_counts(family, head):
         assert count == expected, (shape, count, expected)
     # the stock parameter names survive (only removed post-norm blocks lose theirs)
     names = set(dict(model.named_parameters()))
-    if family == "llama":
+    if family in LINEAGE:
         assert "layers.0.self_attn.q_proj.weight" in {n.removeprefix("model.") for n in names}
     if family == "gpt2":
         assert "h.0.attn.c_attn.weight" in {n.removeprefix("transformer.") for n in names}
@@ -298,7 +248,7 @@ def test_pruned_model_loads_a_sliced_stock_state_dict(family, head):
     layer_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
     torch.manual_seed(0)
     overrides = {layer_key: len(PRUNED_LAYERS[family])}
-    if family == "llama":
+    if family in LINEAGE:
         overrides["num_key_value_heads"] = 4  # >= every pruned layer's kv_heads, so slicing suffices
     stock = stock_class(STOCK_CONFIG[family](**{**STOCK_KWARGS[family], **overrides}))
     model = vt_class(_pruned_config(family)).eval()
@@ -315,8 +265,9 @@ def test_pruned_model_loads_a_sliced_stock_state_dict(family, head):
     assert torch.equal(model.state_dict()[next(iter(sliced))], next(iter(sliced.values())))
 
 
-def test_llama_layer_attributes_follow_per_layer_counts():
-    model = pm.VTransLlamaModel(_pruned_config("llama"))
+@pytest.mark.parametrize("family", LINEAGE)
+def test_lineage_layer_attributes_follow_per_layer_counts(family):
+    model = FAMILIES[family].pruned_models["none"](_pruned_config(family))
     groups = [layer.self_attn.num_key_value_groups for layer in model.layers]
     assert groups == [1, 4, 1, 2, 1]
     assert [layer.self_attn.head_dim for layer in model.layers] == [HEAD_DIM] * 5
@@ -327,7 +278,7 @@ def test_llama_layer_attributes_follow_per_layer_counts():
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_post_norm_zero_blocks_are_skipped(family):
     torch.manual_seed(0)
-    model = CLASSES[family, "model"][1](_pruned_config(family)).eval()
+    model = CLASSES[family, "none"][1](_pruned_config(family)).eval()
     layers = model.encoder.layer
     x = torch.randn(2, 5, PRUNED_HIDDEN)
 
@@ -364,7 +315,7 @@ def test_pre_norm_zero_blocks_output_their_bias(family, attn_implementation):
     extra = {"attention_bias": True, "mlp_bias": True} if family == "llama" else {}
     config = _pruned_config(family, **extra)
     config._attn_implementation = attn_implementation
-    model = CLASSES[family, "model"][1](config).eval()
+    model = CLASSES[family, "none"][1](config).eval()
     layers = _layer_modules(family, model)
     attn0 = layers[0].self_attn if family == "llama" else layers[0].attn
     mlp1 = layers[1].mlp
@@ -393,13 +344,13 @@ def test_pre_norm_zero_blocks_output_their_bias(family, attn_implementation):
         assert [tuple(m.shape) for m in maps] == [(2, h, 6, 6) for h in heads]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 def test_generate_with_cache_matches_full_forward_greedy(family, attn_implementation):
     torch.manual_seed(0)
     config = _pruned_config(family)
     config._attn_implementation = attn_implementation
-    model = CLASSES[family, "causal"][1](config).eval()
+    model = CLASSES[family, "lm"][1](config).eval()
     assert PRUNED_LAYERS[family][0]["heads"] == 0
     model.generation_config.eos_token_id = None  # always generate all 5 tokens
     ids = _input_ids(batch=2, length=5, seed=1)
@@ -455,7 +406,7 @@ def saved_checkpoints(tmp_path_factory):
         torch.manual_seed(0)
         model = vt_class(_pruned_config(family)).eval()
         out_dir = root / f"{family}-{head}"
-        assert pm.save_pruned(model, out_dir) == str(out_dir)
+        assert save_pruned(model, out_dir) == str(out_dir)
         expected[family, head] = _outputs(model, ids)
         cases.append(
             {
@@ -484,9 +435,12 @@ def saved_checkpoints(tmp_path_factory):
 def test_saved_checkpoint_files(saved_checkpoints, family, head):
     root, _, _ = saved_checkpoints
     out_dir = root / f"{family}-{head}"
-    assert (out_dir / "pruned_modeling.py").read_text() == Path(pm.__file__).read_text()
+    files = modeling_files(FAMILIES[family])
+    assert files[0].stem == family  # the family's own file first, then what it imports relatively
+    for source in files:
+        assert (out_dir / source.name).read_text() == source.read_text()
     saved = json.loads((out_dir / "config.json").read_text())
-    assert saved["auto_map"] == pm.AUTO_MAP[family]
+    assert saved["auto_map"] == FAMILIES[family].auto_map(family)
     assert saved["model_type"] == f"vtrans_{family}"
     assert saved["vtrans_layers"] == PRUNED_LAYERS[family]
 
@@ -496,7 +450,7 @@ def test_reload_in_fresh_process_with_remote_code(saved_checkpoints, family, hea
     root, _, expected = saved_checkpoints
     got = torch.load(root / f"{family}-{head}.out.pt")
     assert got.pop("class") == CLASSES[family, head][1].__name__
-    assert got.pop("module").startswith("transformers_modules.")  # the copied pruned_modeling.py, not vtrans
+    assert got.pop("module").startswith("transformers_modules.")  # the copied modeling files, not vtrans
     assert got.keys() == expected[family, head].keys()
     for key, value in expected[family, head].items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
@@ -505,8 +459,8 @@ def test_reload_in_fresh_process_with_remote_code(saved_checkpoints, family, hea
 @pytest.mark.parametrize("family, head", CASES)
 def test_reload_in_process_after_register_auto(saved_checkpoints, family, head):
     root, ids, expected = saved_checkpoints
-    pm.register_auto()
-    pm.register_auto()  # idempotent
+    register_auto()
+    register_auto()  # idempotent
     _, vt_class, auto_name = CLASSES[family, head]
     config = transformers.AutoConfig.from_pretrained(root / f"{family}-{head}")
     assert type(config) is VT_CONFIG[family]
@@ -518,29 +472,35 @@ def test_reload_in_process_after_register_auto(saved_checkpoints, family, head):
 
 
 def test_register_auto_maps_every_class():
-    pm.register_auto()
-    for family, entries in pm.AUTO_MAP.items():
+    register_auto()
+    for family, fam in FAMILIES.items():
         config_class = VT_CONFIG[family]
         assert transformers.CONFIG_MAPPING[f"vtrans_{family}"] is config_class
-        for auto_name, target in entries.items():
-            assert target.startswith("pruned_modeling.")
+        for auto_name, target in fam.auto_map(family).items():
+            assert target.startswith(f"{family}.")
             if auto_name != "AutoConfig":
                 auto_class = getattr(transformers, auto_name)
-                assert auto_class._model_mapping[config_class] is getattr(pm, target.split(".", 1)[1])
+                assert auto_class._model_mapping[config_class].__name__ == target.split(".", 1)[1]
 
 
-def test_module_is_self_contained():
-    source = Path(pm.__file__).read_text()
-    tree = ast.parse(source)
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative imports break the copied file"
-            roots.add(node.module.split(".")[0])
-    third_party = roots - set(sys.stdlib_module_names)
-    assert third_party <= {"torch", "transformers", "huggingface_hub"}, third_party
-    assert not any(
-        isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print" for node in ast.walk(tree)
-    )
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_modeling_files_are_self_contained(family):
+    """What a checkpoint carries imports only the standard library, torch, transformers (huggingface_hub), and its
+    sibling files, relatively; no print."""
+    files = modeling_files(FAMILIES[family])
+    names = {f.stem for f in files}
+    for path in files:
+        tree = ast.parse(path.read_text())
+        roots = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.level == 1 and node.module in names, (path.name, node.module)
+                else:
+                    roots.add(node.module.split(".")[0])
+        third_party = roots - set(sys.stdlib_module_names)
+        assert third_party <= {"torch", "transformers", "huggingface_hub"}, (path.name, third_party)
+        assert not any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
+                       for node in ast.walk(tree))

@@ -234,12 +234,12 @@ torch.save({"start": out.start_logits, "end": out.end_logits, "class": type(m)._
 def test_prune_job_prunes_a_bert_qa_model_that_reloads_in_a_fresh_process(squad_files, tmp_path, monkeypatch):
     from transformers import AutoModelForQuestionAnswering
 
-    import vtrans.jobs.prune as prune_job
+    import vtrans.pipeline as pipeline
     from vtrans.jobs import run
 
     model_dir = save_tiny_with_tokenizer(tmp_path / "tiny_bert_qa", "bert", head="qa")
     seen = {}
-    real_save = prune_job.save_pruned
+    real_save = pipeline.save_pruned
 
     def spy(model, out_dir):  # the pruned model's logits just before it is written
         batch = {k: v[:6] for k, v in seen["feats"].tensors().items() if not k.endswith("_positions")}
@@ -248,14 +248,14 @@ def test_prune_job_prunes_a_bert_qa_model_that_reloads_in_a_fresh_process(squad_
         seen.update(batch=batch, start=out.start_logits, end=out.end_logits, hidden=model.config.hidden_size)
         return real_save(model, out_dir)
 
-    real_features = prune_job.D.qa_features
+    real_features = pipeline.D.qa_features
 
     def features(*args, **kwargs):
         seen["feats"] = real_features(*args, **kwargs)
         return seen["feats"]
 
-    monkeypatch.setattr(prune_job, "save_pruned", spy)
-    monkeypatch.setattr(prune_job.D, "qa_features", features)
+    monkeypatch.setattr(pipeline, "save_pruned", spy)
+    monkeypatch.setattr(pipeline.D, "qa_features", features)
     out = tmp_path / "out"
     common = ["model.package=", f"model.name_or_path={model_dir}", "model.gguf_file=", "model.task=question_answering",
               f"data.source={squad_files / 'squad.json'}", "data.seq_len=48", "data.heldout_fraction=0.25",

@@ -15,8 +15,8 @@ from vtrans.masks.attach import attach_masks
 from vtrans.masks.decide import Budget, decide
 from vtrans.masks.materialize import materialize
 from vtrans.models.load import load_model
-from vtrans.models.pruned_modeling import save_pruned
-from vtrans.models.spec import shape_of
+from vtrans.models import save_pruned
+from vtrans.models import shape_of
 
 TEXT = ["The capital of France is Paris. It is known for the Eiffel Tower and its museums.",
         "A visually flashy but narratively opaque and emotionally vapid exercise in style."]

@@ -21,7 +21,7 @@ from vtrans.engine import Engine
 REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP_AT = 6, 3
 NOISY = -9.0  # the default log sigma^2: the VIB noise matters, so the RNG states must be restored too
-NEURONS = "model.model.layers.0.mlp.vib_neurons.mu"
+NEURONS = "layers.0.neurons.mu"
 
 
 @pytest.fixture(autouse=True)

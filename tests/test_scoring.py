@@ -77,7 +77,7 @@ def test_scores_prune_through_decide_and_materialise_exactly(family, head, metho
     # decide meets the budget; the materialised model computes what the hard-masked model computes
     budget = Budget("params_ratio", 0.6)
     d = decide(mm, budget)
-    assert d["size"] <= d["target"] and d["size"] >= 0.98 * d["target"]
+    assert d.fit["size"] <= d.fit["target"] and d.fit["size"] >= 0.98 * d.fit["target"]
     masked = _outputs(model, batch)
     pruned = materialize(mm)
     torch.testing.assert_close(_outputs(pruned, batch), masked, rtol=1e-4, atol=1e-4)
@@ -136,7 +136,7 @@ def test_some_structures_only():
     model, mm = _scored("gpt2", "lm", "taylor", structures=["heads", "ffn"])
     assert set(mm.masks()) == {f"layers.{i}.{k}" for i in range(3) for k in ("heads", "ffn")}
     d = decide(mm, Budget("params_ratio", 0.8))
-    assert d["size"] <= d["target"]
+    assert d.fit["size"] <= d.fit["target"]
 
 
 def _lowest(mm, name, index):

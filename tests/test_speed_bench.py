@@ -13,7 +13,7 @@ from tests.tiny import make_tiny
 from vtrans.masks.attach import attach_masks
 from vtrans.masks.decide import Budget, decide
 from vtrans.masks.materialize import materialize
-from vtrans.models.pruned_modeling import save_pruned
+from vtrans.models import save_pruned
 
 SPEED_PY = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
 _spec = importlib.util.spec_from_file_location("bench_speed", SPEED_PY)  # bench/ is scripts, not a package
@@ -122,9 +122,10 @@ def test_speed_bench_from_config_only(model_dirs, tmp_path):
     cfgs = tmp_path / "cfgs"
     speed.main(["--dense", str(model_dirs[0]), "--pruned", *map(str, model_dirs[1:]), "--names", "dense", "p1", "p2",
                 "--save-configs", str(cfgs)])
-    assert sorted(p.name for p in (cfgs / "p1").iterdir()) == ["config.json", "pruned_modeling.py"]
+    assert sorted(p.name for p in (cfgs / "p1").iterdir()) == ["common.py", "config.json", "llama.py"]
     assert [p.name for p in (cfgs / "dense").iterdir()] == ["config.json"]
-    (cfgs / "p2" / "pruned_modeling.py").unlink()  # config.json alone: vtrans' own classes build it
+    for f in ("common.py", "llama.py"):  # config.json alone: vtrans' own classes build it
+        (cfgs / "p2" / f).unlink()
     result = speed.main(["--from-config", "--dense", str(cfgs / "dense"), "--pruned", str(cfgs / "p1"),
                          str(cfgs / "p2"), "--no-compile", *FAST])
     _check(result, ["dense", "p1", "p2"])

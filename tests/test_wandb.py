@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vtrans.config import LoggerConfig
-from vtrans.log import RunLogger, rows_from_masks, rows_from_summary, structure_figure, sweep_group
+from vtrans.log import RunLogger, rows_from_decision, rows_from_summary, structure_figure, sweep_group
 
 
 def wandb_records(path: Path):
@@ -141,7 +141,7 @@ def test_sweep_groups_are_named_after_the_sweep_directory():
     assert sweep_group("/scratch/sweeps/bert_sst2_budgets") == "bert_sst2_budgets"
 
 
-def test_structure_rows_and_heatmap_from_masks_and_summaries():
+def test_structure_rows_and_heatmap_from_decisions_and_summaries():
     from tests.tiny import make_tiny
     from vtrans.masks.attach import attach_masks
 
@@ -149,7 +149,7 @@ def test_structure_rows_and_heatmap_from_masks_and_summaries():
     mm.layers[1].heads.decide(torch.tensor([True, False]))
     mm.layers[2].heads.decide(torch.tensor([False, False]))
     mm.layers[2].neurons.decide(torch.zeros(80, dtype=torch.bool))
-    rows = rows_from_masks(mm)
+    rows = rows_from_decision(mm.decision())
     assert [(r["heads"], r["kv_heads"], r["neurons"]) for r in rows] == [(6, 2, 80), (3, 1, 80), (0, 0, 0)]
     assert all(r["heads_dense"] == 6 and r["neurons_dense"] == 80 and r["hidden_dense"] == 48 for r in rows)
     rows2 = rows_from_summary({"hidden": 40, "heads": [6, 3], "kv_heads": [2, 1], "intermediate": [80, 20]})

@@ -1,19 +1,27 @@
-"""Tiny random models of each supported family (BERT, RoBERTa, GPT-2, LLaMA with GQA) for fast CPU tests."""
+"""Tiny random models of each supported family (BERT, RoBERTa, GPT-2, LLaMA / Mistral / Qwen2 with GQA) for fast CPU
+tests."""
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
-                          RobertaConfig, RobertaForSequenceClassification, BertForQuestionAnswering)
+from transformers import (BertConfig, BertForQuestionAnswering, BertForSequenceClassification, GPT2Config,
+                          GPT2ForSequenceClassification, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          LlamaForSequenceClassification, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2ForSequenceClassification, RobertaConfig,
+                          RobertaForSequenceClassification)
 
 VOCAB = 97
 
 
+LINEAGE_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
 def tiny_config(family: str, **over):
-    if family == "llama":
+    if family in LINEAGE_CONFIGS:
         c = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                  num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
                  tie_word_embeddings=True, rms_norm_eps=1e-6)
+        if family == "mistral":
+            c.update(sliding_window=8, tie_word_embeddings=False)  # a window shorter than the test sequences
         c.update(over)
-        return LlamaConfig(**c)
+        return LINEAGE_CONFIGS[family](**c)
     if family == "gpt2":
         c = dict(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=6, n_positions=128, n_inner=80,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -29,6 +37,8 @@ def tiny_config(family: str, **over):
 
 CLASSES = {
     ("llama", "lm"): LlamaForCausalLM, ("llama", "cls"): LlamaForSequenceClassification,
+    ("mistral", "lm"): MistralForCausalLM, ("qwen2", "lm"): Qwen2ForCausalLM,
+    ("qwen2", "cls"): Qwen2ForSequenceClassification,
     ("gpt2", "lm"): GPT2LMHeadModel, ("gpt2", "cls"): GPT2ForSequenceClassification,
     ("bert", "cls"): BertForSequenceClassification, ("bert", "qa"): BertForQuestionAnswering,
     ("roberta", "cls"): RobertaForSequenceClassification,

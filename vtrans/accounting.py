@@ -30,48 +30,30 @@ def embedding_params(s: ModelShape):
 def layer_params(s: ModelShape, l: LayerShape):
     d, dh = s.hidden, s.head_dim
     H, K, I = l.heads, l.kv_heads, l.intermediate
-    if s.post_norm:  # bert / roberta: a removed sub-block has no parameters at all
-        attn = _present(H) * ((3 * d * H * dh + 3 * H * dh) + (H * dh * d + d) + 2 * d)
-        ffn = _present(I) * ((d * I + I) + (I * d + d) + 2 * d)
-        return attn + ffn
+    n_in = 2 if s.gated_mlp else 1
+    qkv = d * H * dh + 2 * d * K * dh + s.qkv_bias * (H * dh + 2 * K * dh)
+    o = H * dh * d
+    ffn = n_in * d * I + s.mlp_bias * n_in * I + I * d
+    norm = s.norm_params * d
+    if s.post_norm:  # a removed sub-block takes its projections, output bias and norm with it
+        return (_present(H) * (qkv + o + s.o_bias * d + norm)
+                + _present(I) * (ffn + s.mlp_bias * d + norm))
+    # pre-norm: a present layer keeps both norms and both output biases (zero-head / zero-width blocks included)
     soft = isinstance(H, torch.Tensor) or isinstance(I, torch.Tensor)
     present = 1 if soft or H or I else 0
-    if s.family == "gpt2":
-        attn = (3 * d * H * dh + 3 * H * dh) + H * dh * d + present * d
-        ffn = (d * I + I) + I * d + present * d
-        norms = present * 4 * d
-        return attn + ffn + norms
-    # llama family: gated FFN, optional biases, RMSNorm without bias
-    attn = d * H * dh + 2 * d * K * dh + H * dh * d
-    if s.attention_bias:
-        attn = attn + H * dh + 2 * K * dh + present * d
-    ffn = 3 * d * I
-    if s.mlp_bias:
-        ffn = ffn + 2 * I + present * d
-    return attn + ffn + present * 2 * d
+    return qkv + o + ffn + present * ((s.o_bias + s.mlp_bias) * d + 2 * norm)
 
 
 def other_params(s: ModelShape):
-    """Embedding / final norms and task heads."""
-    d, C = s.hidden, s.num_labels
-    n = 0
-    if s.family == "llama":
-        n += d  # final RMSNorm
-    elif s.family == "gpt2":
-        n += 2 * d  # ln_f
-    else:
-        n += 2 * d  # embedding LayerNorm
+    """The embedding (post-norm) or final (pre-norm) norm, a pooler, and the task head."""
+    d, C, P = s.hidden, s.num_labels, s.pooler_dim
+    n = s.norm_params * d
+    if P:  # bert / roberta pooler or classification dense layer: its output width stays unpruned
+        n += d * P + P
     if s.head == "cls":
-        if s.family in ("llama", "gpt2"):
-            n += d * C
-        else:  # bert pooler + classifier, or roberta's dense + out_proj: the pooled width stays unpruned
-            P = s.pooler_dim or d
-            n += (d * P + P) + (P * C + C)
+        n += (P * C + C) if P else d * C
     elif s.head == "qa":
         n += d * 2 + 2
-    elif s.head == "none" and s.post_norm:
-        P = s.pooler_dim or d
-        n += d * P + P  # pooler of the bare encoder
     return n
 
 
@@ -96,15 +78,14 @@ def flops_per_token(s: ModelShape, seq_len: int):
     total = 0
     for l in s.layers:
         H, K, I = l.heads, l.kv_heads, l.intermediate
-        kv = K if s.family == "llama" else H
-        proj = d * H * dh + 2 * d * kv * dh + H * dh * d
+        proj = d * H * dh + 2 * d * K * dh + H * dh * d
         ffn = (3 if s.gated_mlp else 2) * d * I
         total = total + 2 * (proj + ffn) + 4 * H * dh * ctx
     if s.head == "lm":
         total = total + 2 * s.vocab_size * d
     elif s.head == "cls":
-        P = s.pooler_dim or d
-        pooled = (d * P + P * s.num_labels) if s.post_norm else d * s.num_labels
+        P = s.pooler_dim
+        pooled = (d * P + P * s.num_labels) if P else d * s.num_labels
         total = total + 2 * pooled / seq_len
     elif s.head == "qa":
         total = total + 2 * d * 2

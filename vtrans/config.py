@@ -9,13 +9,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .shape import STRUCTURES
+
 JOBS = ("prune", "finetune", "evaluate", "export", "probe")
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
 DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("vtrans", "fast", "faster")
 METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
-STRUCTURES = ("hidden", "heads", "attention", "neurons", "ffn")
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
 # metrics a job can report as its objective (eval.primary); ppl is lower-is-better, the others higher-is-better

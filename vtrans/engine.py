@@ -23,7 +23,7 @@ DEFAULT_WEIGHT_DECAY = 0.01  # torch AdamW's default, for groups that set none
 def _strip_names(groups: list[dict]) -> tuple[list[str], list[dict]]:
     groups = [g for g in groups if g["params"]]
     names = [g.get("name", str(i)) for i, g in enumerate(groups)]
-    return names, [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    return names, [{k: v for k, v in g.items() if k not in ("name", "replicated")} for g in groups]
 
 
 def _rows(batch) -> int:
@@ -134,16 +134,27 @@ class DeepSpeedEngine(Engine):
         self.dtype = next(module.parameters()).dtype  # restored by consolidate()
         if seed is not None:  # independent VIB noise on every rank
             torch.manual_seed(seed + self.rank)
-        self.names, groups = _strip_names(param_groups)
-        for g in groups:
+        # replicated groups (masks, multipliers: tiny, float32, whole on every rank, outside the module tree) get a
+        # plain AdamW of their own, their gradients averaged over the ranks here; DeepSpeed shards the rest
+        replicated = [g for g in param_groups if g.get("replicated")]
+        self.names, groups = _strip_names([g for g in param_groups if not g.get("replicated")])
+        self.replicated_names, replicated = _strip_names(replicated)
+        for g in groups + replicated:
             g.setdefault("weight_decay", weight_decay)
         self.config = _deep_merge(self._config(stage, bf16, offload_optimizer, offload_params, grad_accum, clip,
                                                weight_decay), overrides or {})
+        module.to(self.device)  # the replicated tensors follow the module (see PruningModule)
+        self.replicated = [p for g in replicated for p in g["params"]]
+        self.replicated_optimizer = torch.optim.AdamW(replicated, betas=(0.9, 0.999), eps=1e-8,
+                                                      weight_decay=weight_decay) if replicated else None
         optimizer = None
-        if not offload_optimizer:  # DeepSpeed's CPU Adam is needed (and compiled) only for offloading
+        if groups and not offload_optimizer:  # DeepSpeed's CPU Adam is needed (and compiled) only for offloading
             optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        if not groups:  # nothing for DeepSpeed to optimise (e.g. Faster-VTrans): it only shards the frozen model
+            self.config.pop("optimizer", None)
+            self.config["zero_optimization"].pop("offload_optimizer", None)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                             model_parameters=groups, config=self.config)
+                                                             model_parameters=groups or None, config=self.config)
         self.params = [p for g in groups for p in g["params"]]
         self.teacher = teacher if teacher is not None else _separate_teacher(module)
         self.teacher_engine = None
@@ -179,7 +190,13 @@ class DeepSpeedEngine(Engine):
         return config
 
     def learning_rates(self) -> dict[str, float]:
-        return {f"lr/{n}": g["lr"] for n, g in zip(self.names, self.optimizer.param_groups)}
+        rates = {}
+        if self.optimizer is not None:
+            rates.update({f"lr/{n}": g["lr"] for n, g in zip(self.names, self.optimizer.param_groups)})
+        if self.replicated_optimizer is not None:
+            rates.update({f"lr/{n}": g["lr"]
+                          for n, g in zip(self.replicated_names, self.replicated_optimizer.param_groups)})
+        return rates
 
     def local_slice(self, batch):
         """This rank's rows of a global batch."""
@@ -201,15 +218,37 @@ class DeepSpeedEngine(Engine):
         totals: dict[str, float] = {}
         for batch in micro_batches:
             loss, stats = self.ds(self.local_slice(batch), step)
-            self.ds.backward(loss)  # scaled by 1 / grad_accum; gradients averaged over ranks
-            self.ds.step()  # an optimizer step at the accumulation boundary only
+            if self.optimizer is not None:
+                self.ds.backward(loss)  # scaled by 1 / grad_accum; gradients averaged over ranks
+                self.ds.step()  # an optimizer step at the accumulation boundary only
+            else:  # a frozen, sharded model: only the replicated tensors learn
+                (loss / len(micro_batches)).backward()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
+        if self.replicated_optimizer is not None:
+            totals.update(self._step_replicated())
         totals = self._mean_over_ranks(totals)  # every rank logs (and tests for divergence) the global values
-        norm = self.ds.get_global_grad_norm()
+        norm = self.ds.get_global_grad_norm() if self.optimizer is not None else None
         if self.clip > 0 and norm is not None:
             totals["grad_norm"] = float(norm)
         return totals
+
+    def _step_replicated(self) -> dict[str, float]:
+        """Average the replicated gradients over the ranks, clip them, step their optimizer."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p, g in zip(self.replicated, grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
+            offset += g.numel()
+        stats = {}
+        if self.clip > 0:
+            stats["grad_norm_replicated"] = float(torch.nn.utils.clip_grad_norm_(self.replicated, self.clip))
+        self.replicated_optimizer.step()
+        self.replicated_optimizer.zero_grad(set_to_none=True)
+        return stats
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
@@ -218,14 +257,21 @@ class DeepSpeedEngine(Engine):
         return dict(zip(keys, (t / self.world_size).tolist()))
 
     def save_state(self, path: Path) -> None:
-        """DeepSpeed's own checkpoint (module, masks, multipliers, optimizer shards); a collective call."""
+        """DeepSpeed's own checkpoint (module with its masks and multipliers, optimizer shards) and, from rank 0, the
+        replicated optimizer's state; a collective call."""
         self.ds.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+        if self.replicated_optimizer is not None and self.is_main:
+            torch.save(self.replicated_optimizer.state_dict(), Path(path) / "replicated_optimizer.pt")
 
     def load_state(self, path: Path) -> None:
-        load_path, _ = self.ds.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+        load_path, _ = self.ds.load_checkpoint(str(path), tag="deepspeed",
+                                               load_optimizer_states=self.optimizer is not None,
+                                               load_lr_scheduler_states=self.optimizer is not None)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+        if self.replicated_optimizer is not None:
+            state = torch.load(Path(path) / "replicated_optimizer.pt", map_location=self.device, weights_only=True)
+            self.replicated_optimizer.load_state_dict(state)
 
     def any_rank(self, *flags: bool) -> tuple[bool, ...]:
         t = torch.tensor([float(bool(f)) for f in flags])

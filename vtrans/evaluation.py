@@ -1,4 +1,5 @@
-"""Evaluation of (pruned) transformers: exact token-level perplexity of causal LMs, and task metrics.
+"""Evaluation of (pruned) transformers: exact token-level perplexity of causal LMs, task metrics, and zero-shot
+tasks through lm-evaluation-harness.
 
 Metric formulas (accuracy, F1, Matthews correlation, Pearson, Spearman; SQuAD v1.1 exact match and F1 with the
 official answer normalisation and the usual n-best span post-processing) are implemented here with torch.
@@ -6,11 +7,13 @@ official answer normalisation and the usual n-best span post-processing) are imp
 from __future__ import annotations
 
 import collections
+import importlib.util
 import logging
 import math
 import re
 import string
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -373,3 +376,69 @@ def qa_metrics(model: nn.Module, feats: QAFeatures, batch_size: int = 32, n_best
     """dict(exact_match, f1, n) of a question-answering model's predicted spans (see `squad_predictions`)."""
     start, end = qa_logits(model, feats, batch_size)
     return squad_scores(squad_predictions(start, end, feats, n_best, max_answer_len), feats.examples)
+
+
+# ----------------------------------------------------------------------------------------- zero-shot tasks (lm-eval)
+
+
+def lm_eval_available() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def require_lm_eval(ec) -> None:
+    """Fail before any model is loaded when lm-eval tasks (`ec`: the eval config) are asked for but cannot run."""
+    if ec.lm_eval_tasks and not lm_eval_available():
+        raise ImportError("eval.lm_eval_tasks needs lm-evaluation-harness, an optional dependency that is not "
+                          "installed: pip install lm-eval (or set eval.lm_eval_tasks=[])")
+    if ec.lm_eval_include_path and not Path(ec.lm_eval_include_path).expanduser().is_dir():
+        raise FileNotFoundError(f"eval.lm_eval_include_path={ec.lm_eval_include_path!r} is not a directory (it should "
+                                "hold lm-eval task YAML files)")
+
+
+def lm_eval_task_manager(ec):
+    """lm-eval's task index: with eval.lm_eval_include_path, the task YAMLs found there, and lm-eval's own tasks
+    only when some requested task is not among them (indexing the ~15k built-in tasks takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if not ec.lm_eval_include_path:
+        return TaskManager()
+    path = str(Path(ec.lm_eval_include_path).expanduser())
+    local = TaskManager(include_path=path, include_defaults=False)
+    if all(t in local.all_tasks for t in ec.lm_eval_tasks):
+        return local
+    return TaskManager(include_path=path)
+
+
+def lm_eval_metrics(model: nn.Module, tokenizer, ec) -> dict:
+    """Zero-shot (or few-shot) accuracy on eval.lm_eval_tasks through lm-evaluation-harness (imported lazily): its
+    own tasks by name (their data comes from the hub), or tasks defined by YAML files in eval.lm_eval_include_path
+    (e.g. `dataset_path: json` with local `data_files`, which runs offline). `ec`: the eval config."""
+    if not ec.lm_eval_tasks:
+        return {}
+    require_lm_eval(ec)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    prefix = None  # lm-eval prefixes contexts with BOS, else EOS; a tokenizer with neither takes the model's own
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        prefix = next((t for t in (getattr(model.config, "bos_token_id", None),
+                                   getattr(model.config, "eos_token_id", None)) if isinstance(t, int)), None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ec.batch_size, prefix_token_id=prefix)
+    tasks = lm_eval_task_manager(ec)
+    unknown = [t for t in ec.lm_eval_tasks if t not in tasks.all_tasks]
+    if unknown:
+        where = f" or in eval.lm_eval_include_path={ec.lm_eval_include_path!r}" if ec.lm_eval_include_path else ""
+        raise ValueError(f"eval.lm_eval_tasks: {unknown} are not lm-eval tasks{where}")
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(ec.lm_eval_tasks), num_fewshot=ec.lm_eval_num_fewshot,
+                                      limit=ec.lm_eval_limit or None, task_manager=tasks)["results"]
+    out, accs = {}, []
+    for task, r in results.items():
+        for key, value in r.items():
+            name, _, _filter = key.partition(",")
+            if name in ("acc", "acc_norm", "exact_match", "f1", "mcc") and isinstance(value, (int, float)):
+                out[f"lm_eval_{task}_{name}"] = float(value)
+        if isinstance(r.get("acc,none"), (int, float)):
+            accs.append(float(r["acc,none"]))
+    if accs:
+        out["lm_eval_mean"] = sum(accs) / len(accs)
+    return out

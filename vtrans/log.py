@@ -205,21 +205,13 @@ def rows_from_summary(summary: dict, dense_summary: dict | None = None) -> list[
                             dense_summary["hidden"] if dense_summary else None)
 
 
-def rows_from_masks(mm) -> list[dict]:
-    """Rows per layer of the dense model (removed layers included, as zeros) from a decided MaskedModel."""
-    dense = mm.dense
-    hidden = int(mm.hidden.kept().sum()) if mm.hidden is not None else dense.hidden
-    layers = []
-    for ls, lm in zip(dense.layers, mm.layers):
-        kv = int(lm.heads.kept().sum()) if lm.heads is not None else ls.kv_heads
-        if lm.attention is not None and not bool(lm.attention.kept().all()):
-            kv = 0
-        inter = int(lm.neurons.kept().sum()) if lm.neurons is not None else ls.intermediate
-        if lm.ffn is not None and not bool(lm.ffn.kept().all()):
-            inter = 0
-        layers.append({"heads": kv * mm.group, "kv_heads": kv, "intermediate": inter})
+def rows_from_decision(decision) -> list[dict]:
+    """Rows per layer of the dense model (removed layers included, as zeros) from a Decision."""
+    dense = decision.dense
+    layers = [{"heads": l.heads, "kv_heads": l.kv_heads, "intermediate": l.intermediate}
+              for l in decision.layer_shapes()]
     dense_layers = [{"heads": l.heads, "kv_heads": l.kv_heads, "intermediate": l.intermediate} for l in dense.layers]
-    return rows_from_counts(layers, hidden, dense_layers, dense.hidden)
+    return rows_from_counts(layers, len(decision.hidden), dense_layers, dense.hidden)
 
 
 def _opt_int(v):

@@ -1,6 +1,11 @@
-"""One mask-training step's computation: the student (model with masks) against its teacher, and the
-objective. `PruningModule` owns every trainable tensor of a pruning run (the model, its masks, the
-Lagrange multipliers, the layer-distillation map) so an engine can wrap and shard it as one module."""
+"""One training step's computation, as a module an engine wraps: `PruningModule` (the student with masks against its
+teacher, and the VTrans objective) and `DistillModule` (recovery fine-tuning of a pruned model against the dense
+teacher). `PruningModule` owns every trainable tensor of a pruning run (the model, its masks, the Lagrange
+multipliers, the layer-distillation map).
+
+The masks and the multipliers are not submodules: they are tiny, stay float32 and whole on every rank, and an engine
+optimises them as "replicated" parameter groups (a DeepSpeed engine beside its sharded, possibly bf16 model). They
+follow the module's device moves (never its dtype casts) and are part of its state_dict (as extra state)."""
 from __future__ import annotations
 
 import torch
@@ -17,7 +22,7 @@ class PruningModule(nn.Module):
                  layer_every: int, warmup_steps: int, train_weights: bool, teacher: nn.Module | None = None):
         super().__init__()
         self.model = mm.model
-        self.lagrangian = Lagrangian()
+        object.__setattr__(self, "lagrangian", Lagrangian())  # replicated: see the module docstring
         n_layers = len(mm.dense.layers)
         teacher_layers = list(range(layer_every - 1, n_layers, layer_every)) if layer_weight > 0 else []
         self.layer_distill = LayerDistill(mm.dense.hidden, teacher_layers) if teacher_layers else None
@@ -43,11 +48,29 @@ class PruningModule(nn.Module):
     def masked(self) -> MaskedModel:
         return self._mm
 
+    def _replicated_modules(self) -> dict[str, nn.Module]:
+        return {"lagrangian": self.lagrangian, **{f"mask.{n}": m for n, m in self._mm.masks().items()}}
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for m in self._replicated_modules().values():  # follow device moves, keep float32
+            m._apply(lambda t: fn(t).to(t.dtype))
+        return self
+
+    def get_extra_state(self):
+        return {name: m.state_dict() for name, m in self._replicated_modules().items()}
+
+    def set_extra_state(self, state) -> None:
+        for name, m in self._replicated_modules().items():
+            m.load_state_dict(state[name])
+
     def param_groups(self, mask_lr: float, weight_lr: float, lambda_lr: float, distill_lr: float) -> list[dict]:
         mask_ids = {id(p) for p in self._mm.mask_parameters()}
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in mask_ids]
-        groups = [{"name": "masks", "params": self._mm.mask_parameters(), "lr": mask_lr, "weight_decay": 0.0},
-                  {"name": "lambdas", "params": [self.lagrangian.lambdas], "lr": lambda_lr, "weight_decay": 0.0}]
+        groups = [{"name": "masks", "params": self._mm.mask_parameters(), "lr": mask_lr, "weight_decay": 0.0,
+                   "replicated": True},
+                  {"name": "lambdas", "params": [self.lagrangian.lambdas], "lr": lambda_lr, "weight_decay": 0.0,
+                   "replicated": True}]
         if weights:
             groups.append({"name": "weights", "params": weights, "lr": weight_lr})
         if self.layer_distill is not None:
@@ -95,4 +118,37 @@ class PruningModule(nn.Module):
         loss = loss + lag
         stats.update(kl=kl.detach(), expected_ratio=expected.detach(), target_ratio=torch.tensor(target),
                      lagrangian=lag.detach(), lambda_1=lambdas[0], lambda_2=lambdas[1], loss=loss.detach())
+        return loss, stats
+
+
+class DistillModule(nn.Module):
+    """The student (trainable) against its frozen teacher: (loss, stats) per batch, like the pruning module.
+    `size_ratio` (student / teacher parameters) is reported as expected = target size, so the progress bar and
+    the dashboard show the model's (fixed) size next to the loss."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, task: str, task_weight: float,
+                 logit_weight: float, temperature: float, size_ratio: float):
+        super().__init__()
+        self.model = student
+        self._teacher = [teacher]  # outside the module tree: frozen, never optimised or sharded with the student
+        self.head = {"causal_lm": "lm", "question_answering": "qa"}.get(task, "cls")
+        self.task_weight, self.logit_weight, self.temperature = task_weight, logit_weight, temperature
+        self.size_ratio = size_ratio
+        if teacher is not None:  # None with distill.logit_weight=0: plain fine-tuning on the task loss
+            teacher.requires_grad_(False)
+
+    def forward(self, batch: dict, step: int):
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out = self.model(**inputs)
+        stats = {}
+        task = task_loss(out, batch, self.head)
+        loss = self.task_weight * task
+        stats["task_loss"] = float(task.detach())
+        if self.logit_weight > 0:
+            with torch.no_grad():
+                t_out = self._teacher[0](**inputs)
+            distill = output_distill(out, t_out, self.head, self.temperature, inputs.get("attention_mask"))
+            loss = loss + self.logit_weight * distill
+            stats["distill_logit"] = float(distill.detach())
+        stats.update(loss=float(loss.detach()), expected_ratio=self.size_ratio, target_ratio=self.size_ratio)
         return loss, stats

@@ -1,15 +1,16 @@
 """The structural shape of a (possibly pruned) transformer: what accounting, budgets and materialisation share.
 
-A `ModelShape` says how many hidden channels, heads, KV heads and FFN neurons each layer keeps. Counts
-may be ints (a real model) or float tensors (expected counts during mask training): accounting only
-uses arithmetic on them, so the same formulas give exact sizes and differentiable budgets.
+A `ModelShape` says how many hidden channels, heads, KV heads and FFN neurons each layer keeps, and carries the
+family's traits that change the parameter count (biases, gated FFN, norm kind, post-norm sub-blocks), so the
+accounting needs no family names. Counts may be ints (a real model) or float tensors (expected counts during mask
+training): accounting only uses arithmetic on them, so the same formulas give exact sizes and differentiable budgets.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-FAMILIES = ("llama", "bert", "roberta", "gpt2")
+STRUCTURES = ("hidden", "heads", "attention", "neurons", "ffn")  # what can carry a mask
 
 
 @dataclass
@@ -25,32 +26,24 @@ class LayerShape:
 
 @dataclass
 class ModelShape:
-    family: str  # one of FAMILIES
+    family: str  # the model family's name (for reports; accounting reads the traits below)
     vocab_size: int
     hidden: Any  # residual-stream channels kept
     head_dim: int
     layers: list[LayerShape]
-    max_positions: int = 0  # learned absolute position embeddings (bert/roberta/gpt2); 0 for rotary
+    max_positions: int = 0  # learned absolute position embeddings; 0 for rotary
     type_vocab: int = 0  # token-type embeddings (bert/roberta)
     tied_embeddings: bool = True
-    attention_bias: bool = False  # q/k/v/o biases (always on for bert/gpt2)
-    mlp_bias: bool = False  # FFN biases (always on for bert/gpt2)
     head: str = "lm"  # "lm" | "cls" | "qa" | "none"
     num_labels: int = 0
-    pooler_dim: int = 0  # bert/roberta: width of the pooler / classification dense layer (not pruned)
+    pooler_dim: int = 0  # width of a pooler / classification dense layer (bert/roberta; not pruned); 0 = none
     causal: bool = True
-
-    @property
-    def gated_mlp(self) -> bool:
-        return self.family == "llama"
-
-    @property
-    def post_norm(self) -> bool:
-        return self.family in ("bert", "roberta")
-
-    @property
-    def norm_has_bias(self) -> bool:
-        return self.family != "llama"
+    post_norm: bool = False  # norms after each block: a removed block takes its norm and biases with it
+    gated_mlp: bool = False  # two FFN input projections (gate and up)
+    norm_params: int = 1  # parameters per channel of a norm: 1 (RMSNorm) or 2 (LayerNorm)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,4 +68,3 @@ class ModelShape:
             "kv_heads": [int(l.kv_heads) for l in self.layers],
             "intermediate": [int(l.intermediate) for l in self.layers],
         }
-

@@ -1,6 +1,6 @@
 """The export job: a pruned model directory (`model_dir`) -> a standalone directory <output_dir>/model.
 
-Default: the vtrans format (weights, config with per-layer `vtrans_layers`, the copied pruned_modeling.py and an
+Default: the vtrans format (weights, config with per-layer `vtrans_layers`, the family's copied modeling files and an
 auto_map), which loads with `Auto*.from_pretrained(dir, trust_remote_code=True)` without vtrans installed. With
 `export_uniform=true` and a uniform shape (every layer keeps the same heads / KV heads / neurons, and the stock
 classes' own size rules hold), a stock config instead: it loads with plain transformers, no remote code. A source
@@ -17,70 +17,16 @@ from pathlib import Path
 
 import torch
 
+from .. import pipeline as P
 from ..config import Config
+from ..decision import DECISION_FILE
 from ..log import RunLogger
-from . import is_main_process, set_objective
-from .evaluate import dir_model_config, load, size_metrics
+from ..models import family_of, is_pruned, save_pruned, to_stock
 
 log = logging.getLogger("vtrans")
 
 _AUTO = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
          "question_answering": "AutoModelForQuestionAnswering"}
-# stock config fields that hold per-layer counts, per family: (heads, kv heads, intermediate)
-_STOCK_FIELDS = {"llama": ("num_attention_heads", "num_key_value_heads", "intermediate_size"),
-                 "bert": ("num_attention_heads", None, "intermediate_size"),
-                 "roberta": ("num_attention_heads", None, "intermediate_size"),
-                 "gpt2": ("n_head", None, "n_inner")}
-_STOCK_TYPES = {"vtrans_llama": "llama", "vtrans_bert": "bert", "vtrans_roberta": "roberta", "vtrans_gpt2": "gpt2"}
-
-
-def uniform_problems(config) -> list[str]:
-    """Why this pruned config has no stock equivalent (empty when it has one)."""
-    family = _STOCK_TYPES.get(config.model_type)
-    if family is None:
-        return [f"model_type {config.model_type!r} is not a vtrans pruned model"]
-    layers = config.vtrans_layers
-    problems = []
-    distinct = {tuple(l[k] for k in ("heads", "kv_heads", "intermediate")) for l in layers}
-    if len(distinct) > 1:
-        problems.append(f"layers differ in (heads, kv_heads, intermediate): {sorted(distinct)}")
-    if any(l["heads"] == 0 for l in layers):
-        problems.append("some layers have no attention heads left")
-    if any(l["intermediate"] == 0 for l in layers):
-        problems.append("some layers have no FFN neurons left")
-    hidden = config.n_embd if family == "gpt2" else config.hidden_size
-    heads = layers[0]["heads"] if layers else 0
-    if heads and hidden % heads:
-        problems.append(f"hidden size {hidden} is not a multiple of the {heads} heads (stock config check)")
-    if family != "llama" and heads and heads * config.head_dim != hidden:
-        problems.append(f"{family} derives head size as hidden / heads: {heads} heads x head_dim {config.head_dim} "
-                        f"!= hidden {hidden}")
-    pooler = getattr(config, "vtrans_pooler_dim", None)
-    if family in ("bert", "roberta") and pooler and pooler != hidden:
-        problems.append(f"the pooler keeps width {pooler} while hidden is {hidden}")
-    return problems
-
-
-def stock_config(config):
-    """The stock transformers config of a uniform pruned config (see uniform_problems)."""
-    import transformers
-
-    family = _STOCK_TYPES[config.model_type]
-    values = config.to_dict()
-    for key in ("model_type", "auto_map", "architectures", "transformers_version", "vtrans_layers",
-                "vtrans_pooler_dim"):
-        values.pop(key, None)
-    layer = config.vtrans_layers[0]
-    heads_f, kv_f, inter_f = _STOCK_FIELDS[family]
-    values[heads_f] = layer["heads"]
-    if kv_f:
-        values[kv_f] = layer["kv_heads"]
-    values[inter_f] = layer["intermediate"]
-    if family != "llama":
-        values.pop("head_dim", None)
-    cls = {"llama": transformers.LlamaConfig, "bert": transformers.BertConfig,
-           "roberta": transformers.RobertaConfig, "gpt2": transformers.GPT2Config}[family]
-    return cls(**values)
 
 
 def _probe_inputs(model, vocab: int) -> dict:
@@ -100,16 +46,14 @@ def _outputs(model, inputs) -> torch.Tensor:
 def run(cfg: Config, out: Path) -> dict:
     import transformers
 
-    from ..models.pruned_modeling import save_pruned
-
-    if not is_main_process():  # one writer: the export is a single-process job
+    if not P.is_main_process():  # one writer: the export is a single-process job
         return {"skipped": "not rank 0"}
     t0 = time.perf_counter()
     src = Path(cfg.model_dir)
-    model, tokenizer = load(dir_model_config(cfg, str(src)))
+    model, tokenizer = P.load(P.dir_model_config(cfg, str(src)))
     config = model.config
-    pruned_format = config.model_type in _STOCK_TYPES  # else already stock (e.g. pruned with export_uniform=true)
-    problems = uniform_problems(config) if cfg.export_uniform and pruned_format else []
+    pruned_format = is_pruned(config)  # else already stock (e.g. pruned with export_uniform=true)
+    problems = family_of(config).uniform_problems(config) if cfg.export_uniform and pruned_format else []
     if problems:
         raise ValueError(f"export_uniform=true but {src} has no stock equivalent: " + "; ".join(problems)
                          + ". Export with export_uniform=false (loads with trust_remote_code=True).")
@@ -118,26 +62,17 @@ def run(cfg: Config, out: Path) -> dict:
         shutil.rmtree(dest)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="export")
     auto = getattr(transformers, _AUTO[cfg.model.task])
-    if not pruned_format:
-        exported = model
-        model.save_pretrained(dest)
-        remote_code = False
-    elif cfg.export_uniform:
-        stock = auto.from_config(stock_config(config))
-        missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
-        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-        if [k for k in missing if k not in tied] or unexpected:
-            raise RuntimeError(f"uniform export: state dict mismatch, missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        stock.tie_weights()
-        exported = stock
-        stock.save_pretrained(dest)
-        remote_code = False
-    else:
+    if pruned_format and not cfg.export_uniform:
         exported = model
         save_pruned(model, dest)
         remote_code = True
+    else:
+        exported = to_stock(model)
+        exported.save_pretrained(dest)
+        remote_code = False
     tokenizer.save_pretrained(dest)
+    if (src / DECISION_FILE).is_file():  # the kept units travel with the model (the probe reads them)
+        shutil.copyfile(src / DECISION_FILE, dest / DECISION_FILE)
     # the export must stand alone: reload it (remote code from its own folder) and compare outputs
     reloaded = auto.from_pretrained(dest, trust_remote_code=remote_code)
     inputs = _probe_inputs(model, getattr(config, "vocab_size", 100))
@@ -151,9 +86,9 @@ def run(cfg: Config, out: Path) -> dict:
     metrics = {**info, "export_dir": str(dest), "max_abs_diff": diff,
                "size_bytes": sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()),
                "flops_seq_len": cfg.budget.flops_seq_len}
-    metrics.update(size_metrics(exported, cfg.budget.flops_seq_len))
+    metrics.update(P.size_metrics(exported, cfg.budget.flops_seq_len))
     metrics["wall_time_s"] = time.perf_counter() - t0
-    set_objective(cfg, metrics)
+    P.set_objective(cfg, metrics)
     logger.summary(metrics)
     logger.finish()
     log.info("exported %s -> %s (%s format, max |diff| %.2g)", src, dest, info["format"], diff)

@@ -4,7 +4,7 @@ positions of evaluation text; heads split into those the pruned model keeps and 
 probe.csv / probe.json (per head, and the kept-vs-pruned means) and probe.png.
 
 Kept heads come from `probe.decision` or <model_dir>/vtrans_decision.json ({"kept_heads": [[query-head indices]
-per dense layer]}, see `decision_record`), else are read off the pruned model's weights (`model_dir`):
+per dense layer]}: `Decision.record()`), else are read off the pruned model's weights (`model_dir`):
 materialisation copies each kept head's query rows unscaled, so matching them against the dense model's rows
 recovers which heads (and which dense layers) survived."""
 from __future__ import annotations
@@ -17,36 +17,17 @@ from pathlib import Path
 
 import torch
 
+from .. import pipeline as P
 from ..config import Config
+from ..decision import DECISION_FILE
 from ..log import RunLogger, write_csv
-from ..models.spec import SPECS, base_model, get_module, shape_of
-from . import is_main_process, set_objective
-from .evaluate import dir_model_config, documents, load, progress
+from ..models import base_model, family_of, get_module, shape_of
 
 log = logging.getLogger("vtrans")
 SHARES = ("special", "current", "rest")
-DECISION_FILE = "vtrans_decision.json"  # decision_record(mm) saved beside a pruned model, when a prune job writes it
 
 
 # ---------------------------------------------------------------------------------------------- kept heads
-
-
-def decision_record(mm) -> dict:
-    """A decided MaskedModel's kept units per dense layer, in the probe's decision format (JSON-serialisable):
-    kept_heads (query heads), kept_neurons, kept_hidden. A prune job can save it beside its model."""
-    dense = mm.dense
-    heads, neurons = [], []
-    for ls, lm in zip(dense.layers, mm.layers):
-        kv = lm.heads.kept().nonzero().flatten().tolist() if lm.heads is not None else list(range(ls.kv_heads))
-        if lm.attention is not None and not bool(lm.attention.kept().all()):
-            kv = []
-        heads.append([g * mm.group + j for g in kv for j in range(mm.group)])
-        n = lm.neurons.kept().nonzero().flatten().tolist() if lm.neurons is not None else list(range(ls.intermediate))
-        if lm.ffn is not None and not bool(lm.ffn.kept().all()):
-            n = []
-        neurons.append(n)
-    hidden = mm.hidden.kept().nonzero().flatten().tolist() if mm.hidden is not None else list(range(dense.hidden))
-    return {"kept_heads": heads, "kept_neurons": neurons, "kept_hidden": hidden}
 
 
 def _weight(module, conv1d: bool) -> torch.Tensor:
@@ -55,20 +36,20 @@ def _weight(module, conv1d: bool) -> torch.Tensor:
     return w.t() if conv1d else w
 
 
-def _query_rows(layer, spec, n_heads: int, head_dim: int) -> torch.Tensor | None:
+def _query_rows(layer, fam, n_heads: int, head_dim: int) -> torch.Tensor | None:
     """The query projection's rows [heads * head_dim, hidden] of a layer; None when it has no attention."""
     try:
-        w = _weight(get_module(layer, spec.qkv[0]), spec.conv1d)
+        w = _weight(get_module(layer, fam.qkv[0]), fam.conv1d)
     except AttributeError:  # a removed post-norm attention block has no projections at all
         return None
-    if len(spec.qkv) == 1:  # fused q|k|v (gpt2): the query part comes first
+    if len(fam.qkv) == 1:  # fused q|k|v (gpt2): the query part comes first
         w = w[: n_heads * head_dim]
     return w if w.shape[0] else None
 
 
-def _ffn_rows(layer, spec) -> torch.Tensor | None:
+def _ffn_rows(layer, fam) -> torch.Tensor | None:
     try:
-        w = _weight(get_module(layer, spec.ffn_in[0]), spec.conv1d)
+        w = _weight(get_module(layer, fam.ffn_in[0]), fam.conv1d)
     except AttributeError:
         return None
     return w if w.shape[0] else None
@@ -85,13 +66,13 @@ def _match_rows(pruned: torch.Tensor, dense: torch.Tensor, tol: float = 1e-3) ->
     return None
 
 
-def _kept_hidden(dense_base, pruned_base, spec, hidden_dense: int, hidden_pruned: int) -> torch.Tensor:
+def _kept_hidden(dense_base, pruned_base, fam, hidden_dense: int, hidden_pruned: int) -> torch.Tensor:
     """Dense indices of the pruned model's hidden channels, matched on the embedding columns (which are only
     selected, and for pre-norm models scaled per channel, by materialisation)."""
     if hidden_pruned == hidden_dense:
         return torch.arange(hidden_dense)
-    d = get_module(dense_base, spec.embeddings[0]).weight.detach().float()[:4096]
-    p = get_module(pruned_base, spec.embeddings[0]).weight.detach().float()[:4096]
+    d = get_module(dense_base, fam.embeddings[0]).weight.detach().float()[:4096]
+    p = get_module(pruned_base, fam.embeddings[0]).weight.detach().float()[:4096]
     d = d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
     p = p / p.norm(dim=0, keepdim=True).clamp_min(1e-12)
     sim = (p.t() @ d).abs()  # [hidden_pruned, hidden_dense]
@@ -107,25 +88,25 @@ def kept_heads_from_weights(dense, pruned) -> list[list[int]]:
     ds, ps = shape_of(dense), shape_of(pruned)
     if ds.family != ps.family:
         raise ValueError(f"model_dir holds a {ps.family} model but the configured model is {ds.family}")
-    spec = SPECS[ds.family]
-    d_base, p_base = base_model(dense, spec), base_model(pruned, spec)
-    hk = _kept_hidden(d_base, p_base, spec, ds.hidden, ps.hidden)
-    d_layers, p_layers = get_module(d_base, spec.layers), get_module(p_base, spec.layers)
+    fam = family_of(dense)
+    d_base, p_base = base_model(dense, fam), base_model(pruned, fam)
+    hk = _kept_hidden(d_base, p_base, fam, ds.hidden, ps.hidden)
+    d_layers, p_layers = get_module(d_base, fam.layers), get_module(p_base, fam.layers)
     dh = ds.head_dim
     kept: list[list[int]] = [[] for _ in ds.layers]
     next_dense = 0
     for j, (p_layer, p_shape) in enumerate(zip(p_layers, ps.layers)):
-        pq = _query_rows(p_layer, spec, p_shape.heads, dh)
-        pf = _ffn_rows(p_layer, spec) if pq is None else None
+        pq = _query_rows(p_layer, fam, p_shape.heads, dh)
+        pf = _ffn_rows(p_layer, fam) if pq is None else None
         for i in range(next_dense, len(ds.layers)):
             if pq is not None:
-                dq = _query_rows(d_layers[i], spec, ds.layers[i].heads, dh)
+                dq = _query_rows(d_layers[i], fam, ds.layers[i].heads, dh)
                 idx = _match_rows(pq, dq[:, hk])
                 if idx is not None:
                     kept[i] = sorted({int(r) // dh for r in idx})
                     break
             elif pf is not None:
-                df = _ffn_rows(d_layers[i], spec)
+                df = _ffn_rows(d_layers[i], fam)
                 if _match_rows(pf, df[:, hk]) is not None:
                     break  # an FFN-only layer: no heads kept
         else:
@@ -158,7 +139,7 @@ def attention_shares(model, tokenizer, texts: list[str], seq_len: int, batch_siz
     device = next(model.parameters()).device
     totals, count = None, 0
     starts = range(0, len(texts), batch_size)
-    with progress(model, len(starts), "probe", show_progress), torch.no_grad():
+    with P.progress(model, len(starts), "probe", show_progress), torch.no_grad():
         for i in starts:
             second = pairs[i: i + batch_size] if pairs is not None else None
             enc = tokenizer(texts[i: i + batch_size], second, truncation=True, max_length=seq_len, padding=True,
@@ -241,18 +222,18 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 
 def run(cfg: Config, out: Path) -> dict:
     t0 = time.perf_counter()
-    dense, tokenizer = load(cfg.model, eager=True)
+    dense, tokenizer = P.load(cfg.model, eager=True)
     ds = shape_of(dense)
     saved = Path(cfg.model_dir) / DECISION_FILE if cfg.model_dir else None
     if cfg.probe.decision or (saved is not None and saved.is_file()):
         source = cfg.probe.decision or str(saved)
         kept = load_decision(source, len(ds.layers), [l.heads for l in ds.layers])
     else:
-        pruned, _ = load(dir_model_config(cfg, cfg.model_dir))
+        pruned, _ = P.load(P.dir_model_config(cfg, cfg.model_dir))
         kept = kept_heads_from_weights(dense, pruned)
         source = cfg.model_dir
         del pruned
-    _, held = documents(cfg)
+    _, held = P.documents(cfg)
     held = held[: cfg.probe.max_examples]
     if cfg.model.task == "question_answering":
         texts, pairs = [e.question for e in held], [e.context for e in held]
@@ -265,7 +246,7 @@ def run(cfg: Config, out: Path) -> dict:
     rows = head_rows(shares, kept)
     summary = compare(rows)
     metrics = {"kept_from": source, "probe_examples": len(texts), **summary}
-    if is_main_process():
+    if P.is_main_process():
         write_csv(rows, out / "probe.csv")
         (out / "probe.json").write_text(json.dumps({"summary": summary, "kept_heads": kept, "heads": rows},
                                                    indent=2))
@@ -275,7 +256,7 @@ def run(cfg: Config, out: Path) -> dict:
         logger.table("probe/heads", rows)
         logger.image("probe/plot", out / "probe.png")
     metrics["wall_time_s"] = time.perf_counter() - t0
-    set_objective(cfg, metrics)
+    P.set_objective(cfg, metrics)
     logger.summary(metrics)
     logger.finish()
     log.info("probe: mean attention on special tokens: kept heads %s, pruned heads %s",

@@ -1,8 +1,10 @@
-"""Attaching structure masks to a Hugging Face model from its architecture table.
+"""Attaching structure masks to a Hugging Face model from its family's adapter (vtrans.models).
 
-Masks become submodules of the modules they gate and act through forward hooks, so the model's own
-forward is unchanged and no mask state is threaded through it. Norms compute their statistics over the
-kept hidden channels only, so a hard-masked model computes exactly what the materialised model does.
+Masks act through forward hooks on the modules they gate, so the model's own forward is unchanged and no mask state
+is threaded through it. They are not submodules of the model: they are small, always float32 and whole on every rank
+(an engine optimises them beside the model's weights and never casts or partitions them). Norms compute their
+statistics over the kept hidden channels only, so a hard-masked model computes exactly what the materialised model
+(vtrans.masks.materialize, reading the same adapter and the same `Decision`) computes.
 """
 from __future__ import annotations
 
@@ -12,11 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.spec import SPECS, ArchSpec, base_model, get_module, shape_of
-from ..shape import LayerShape, ModelShape
+from ..decision import Decision, layer_shape
+from ..models import Family, base_model, family_of, get_module, shape_of
+from ..shape import STRUCTURES, LayerShape, ModelShape
 from .vib import StructureMask
-
-STRUCTURES = ("hidden", "heads", "attention", "neurons", "ffn")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class LayerMasks:
 class MaskedModel:
     """Handle on a model with masks attached: the masks, the dense shape, and the hooks."""
     model: nn.Module
-    spec: ArchSpec
+    family: Family
     dense: ModelShape
     hidden: StructureMask | None
     layers: list[LayerMasks]
@@ -64,6 +65,32 @@ class MaskedModel:
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.masks().values() for p in m.parameters() if p.requires_grad]
 
+    def to(self, device) -> "MaskedModel":
+        """Move the masks (not the model) to `device`; they keep float32."""
+        for m in self.masks().values():
+            m.to(device=device)
+        return self
+
+    def decision(self) -> Decision:
+        """What the masks keep now (their decision, else the threshold rule)."""
+        return Decision.from_masks(self)
+
+    def apply(self, decision: Decision) -> None:
+        """Make the masks hold `decision` (kept units and, where masked, nothing else)."""
+        def keep(mask, kept) -> None:
+            if mask is not None:
+                k = torch.zeros(mask.n, dtype=torch.bool)
+                k[kept.index] = True
+                mask.decide(k)
+
+        keep(self.hidden, decision.hidden)
+        for lm, ld in zip(self.layers, decision.layers):
+            keep(lm.heads, ld.heads)
+            keep(lm.neurons, ld.neurons)
+            for block, units in ((lm.attention, ld.heads), (lm.ffn, ld.neurons)):
+                if block is not None:
+                    block.decide(torch.tensor([len(units) > 0]))
+
     @contextlib.contextmanager
     def disabled(self):
         """Run the unmasked (teacher) model with the same weights."""
@@ -74,14 +101,10 @@ class MaskedModel:
             self.enabled = prev
 
     def detach(self) -> None:
+        """Remove the hooks: the model computes as if it had never been masked."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        for name, m in list(self.masks().items()):
-            for parent in self.model.modules():
-                for cname, child in list(parent.named_children()):
-                    if child is m:
-                        delattr(parent, cname)
 
     # ----- statistics gathered in the last forward (ZeRO-3 safe: computed inside the masks' forward) -----
     def kl_terms(self) -> dict[str, torch.Tensor]:
@@ -103,13 +126,7 @@ class MaskedModel:
 
     def kept_shape(self) -> ModelShape:
         """The hard (decided or thresholded) shape, as ints, with empty layers dropped."""
-        hidden = int(self.hidden.kept().sum()) if self.hidden is not None else self.dense.hidden
-        layers = []
-        for dense, lm in zip(self.dense.layers, self.layers):
-            heads, kv, inter = _hard_counts(dense, lm, self.group)
-            if heads or inter:
-                layers.append(LayerShape(heads, kv, inter))
-        return self.dense.with_counts(hidden, layers)
+        return self.decision().shape()
 
 
 def _soft_counts(dense: LayerShape, lm: LayerMasks, group: int):
@@ -122,16 +139,6 @@ def _soft_counts(dense: LayerShape, lm: LayerMasks, group: int):
     return kv * group, kv, inter
 
 
-def _hard_counts(dense: LayerShape, lm: LayerMasks, group: int):
-    kv = int(lm.heads.kept().sum()) if lm.heads is not None else dense.kv_heads
-    if lm.attention is not None and not bool(lm.attention.kept().all()):
-        kv = 0
-    inter = int(lm.neurons.kept().sum()) if lm.neurons is not None else dense.intermediate
-    if lm.ffn is not None and not bool(lm.ffn.kept().all()):
-        inter = 0
-    return kv * group, kv, inter
-
-
 # ---------------------------------------------------------------------------------------------------------
 # hooks
 
@@ -140,15 +147,18 @@ def _units(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n, x.shape[-1] // n)
 
 
-def _apply(mask: StructureMask, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
-    """Multiply x by the mask with its units laid along the last dim (n units of x.shape[-1]/n channels)."""
+def _apply(mask: StructureMask, x: torch.Tensor, training: bool, n: int | None = None) -> torch.Tensor:
+    """Multiply x by the mask with its units laid along the last dim (n units of x.shape[-1]/n channels); the mask
+    samples (training) or applies its hard values as the gated module is in training or eval mode."""
+    mask.training = training
     y, kl, soft = mask(_units(x, n or mask.n))
     mask.last_kl, mask.last_soft = kl, soft
     return y.reshape(x.shape)
 
 
-def _apply_channels(mask: StructureMask, x: torch.Tensor) -> torch.Tensor:
+def _apply_channels(mask: StructureMask, x: torch.Tensor, training: bool) -> torch.Tensor:
     """Multiply x [..., n] channel-wise (one unit per channel)."""
+    mask.training = training
     y, kl, soft = mask(x.unsqueeze(-1))
     mask.last_kl, mask.last_soft = kl, soft
     return y.squeeze(-1)
@@ -174,54 +184,39 @@ def _norm_over(module: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.
 
 
 def attach_masks(model: nn.Module, structures=STRUCTURES, init: MaskInit | None = None) -> MaskedModel:
-    """Attach masks over the given structures; returns the handle. Call before wrapping with DeepSpeed."""
+    """Attach masks over the given structures (on the model's device, float32); returns the handle."""
     init = init or MaskInit()
     bad = sorted(set(structures) - set(STRUCTURES))
     if bad:
         raise ValueError(f"unknown mask structures {bad}; accepted: {list(STRUCTURES)}")
     dense = shape_of(model)
-    spec = SPECS[dense.family]
-    base = base_model(model, spec)
-    layers_mod = get_module(base, spec.layers)
-    kv0 = dense.layers[0].kv_heads
-    group = dense.layers[0].heads // kv0
+    family = family_of(model)
+    layers_mod = get_module(base_model(model, family), family.layers)
+    group = dense.layers[0].heads // dense.layers[0].kv_heads
 
     def new(kind, n):
         return StructureMask(kind, n, method=init.method, mu_init=init.mu, mu_std=init.mu_std,
                              log_sigma2_init=init.log_sigma2, log_sigma2_std=init.log_sigma2_std, k=init.k)
 
-    ref = next(model.parameters())
-    hidden = None
-    if "hidden" in structures:
-        hidden = new("hidden", dense.hidden)
-        base.add_module("vib_hidden", hidden)
+    hidden = new("hidden", dense.hidden) if "hidden" in structures else None
     layer_masks = []
-    for i, (ls, layer) in enumerate(zip(dense.layers, layers_mod)):
-        lm = LayerMasks()
-        attn_c, ffn_c = get_module(layer, spec.attn_container), get_module(layer, spec.ffn_container)
-        if "heads" in structures:
-            lm.heads = new("heads", ls.kv_heads)
-            attn_c.add_module("vib_heads", lm.heads)
-        if "attention" in structures:
-            lm.attention = new("attention", 1)
-            attn_c.add_module("vib_attention", lm.attention)
-        if "neurons" in structures:
-            lm.neurons = new("neurons", ls.intermediate)
-            ffn_c.add_module("vib_neurons", lm.neurons)
-        if "ffn" in structures:
-            lm.ffn = new("ffn", 1)
-            ffn_c.add_module("vib_ffn", lm.ffn)
-        layer_masks.append(lm)
-    mm = MaskedModel(model, spec, dense, hidden, layer_masks, group)
-    for m in mm.masks().values():
-        m.to(device=ref.device)
-        m.train(model.training)
-    _register_hooks(mm, base, layers_mod)
+    for ls in dense.layers:
+        layer_masks.append(LayerMasks(
+            heads=new("heads", ls.kv_heads) if "heads" in structures else None,
+            attention=new("attention", 1) if "attention" in structures else None,
+            neurons=new("neurons", ls.intermediate) if "neurons" in structures else None,
+            ffn=new("ffn", 1) if "ffn" in structures else None))
+    mm = MaskedModel(model, family, dense, hidden, layer_masks, group)
+    device = next(model.parameters()).device
+    mm.to(device if device.type != "meta" else "cpu")
+    _register_hooks(mm, base_model(model, family), layers_mod)
     return mm
 
 
 def _register_hooks(mm: MaskedModel, base: nn.Module, layers_mod) -> None:
-    spec, H = mm.spec, mm.hidden
+    """Where each mask multiplies (the family's module paths); vtrans.masks.materialize folds and slices the same
+    places, and a test checks that the two agree for every family."""
+    fam, H = mm.family, mm.hidden
     hook = mm.handles.append
 
     def active():
@@ -229,18 +224,18 @@ def _register_hooks(mm: MaskedModel, base: nn.Module, layers_mod) -> None:
 
     # hidden dimension: where the residual stream is written
     if H is not None:
-        if spec.post_norm:
-            emb_norm = get_module(base, spec.embed_norm)
+        if fam.post_norm:
+            emb_norm = get_module(base, fam.embed_norm)
 
             def refresh(module, args):  # run the hidden mask once so its kept set is current before the norm reads it
                 if active():
-                    _apply_channels(H, args[0])
+                    _apply_channels(H, args[0], module.training)
 
             hook(emb_norm.register_forward_pre_hook(refresh))
         else:
-            for path in spec.embeddings:
+            for path in fam.embeddings:
                 hook(get_module(base, path).register_forward_hook(
-                    lambda m, a, out: _apply_channels(H, out) if active() else None))
+                    lambda m, a, out: _apply_channels(H, out, m.training) if active() else None))
 
     def norm_hook(gates: tuple, post: bool):
         def fn(module, args, out):
@@ -255,40 +250,41 @@ def _register_hooks(mm: MaskedModel, base: nn.Module, layers_mod) -> None:
             if not bool(keep.all()):
                 out = _norm_over(module, x, keep)
             if post:
-                out = _apply_channels(H, out)
+                out = _apply_channels(H, out, module.training)
             return out
         return fn
 
     if H is not None:
-        norms = [spec.embed_norm] if spec.post_norm else [spec.final_norm]
+        norms = [fam.embed_norm] if fam.post_norm else [fam.final_norm]
         for path in norms:
-            hook(get_module(base, path).register_forward_hook(norm_hook((), spec.post_norm)))
+            hook(get_module(base, path).register_forward_hook(norm_hook((), fam.post_norm)))
 
     for lm, layer in zip(mm.layers, layers_mod):
-        o, down = get_module(layer, spec.o), get_module(layer, spec.ffn_out)
+        o, down = get_module(layer, fam.o), get_module(layer, fam.ffn_out)
         if lm.heads is not None:
             hook(o.register_forward_pre_hook(
-                lambda m, a, mk=lm.heads: ((_apply(mk, a[0]),) + tuple(a[1:])) if active() else None))
+                lambda m, a, mk=lm.heads: ((_apply(mk, a[0], m.training),) + tuple(a[1:])) if active() else None))
         if lm.neurons is not None:
             hook(down.register_forward_pre_hook(
-                lambda m, a, mk=lm.neurons: ((_apply_channels(mk, a[0]),) + tuple(a[1:])) if active() else None))
+                lambda m, a, mk=lm.neurons: ((_apply_channels(mk, a[0], m.training),) + tuple(a[1:]))
+                if active() else None))
 
         def block_out(block: StructureMask | None, units: StructureMask | None):
             def fn(module, args, out):
                 if not active():
                     return None
                 if block is not None:
-                    out = _apply(block, out, 1)
+                    out = _apply(block, out, module.training, 1)
                 if units is not None and units.hard_zero():
                     out = out * 0  # a block with no heads / neurons left is removed, biases included
-                if H is not None and not spec.post_norm:
-                    out = _apply_channels(H, out)
+                if H is not None and not fam.post_norm:
+                    out = _apply_channels(H, out, module.training)
                 return out
             return fn
 
         hook(o.register_forward_hook(block_out(lm.attention, lm.heads)))
         hook(down.register_forward_hook(block_out(lm.ffn, lm.neurons)))
         gates = ((lm.attention, lm.heads), (lm.ffn, lm.neurons))
-        for path, g in zip(spec.norms, gates):
-            if spec.post_norm or H is not None:
-                hook(get_module(layer, path).register_forward_hook(norm_hook(g, spec.post_norm)))
+        for path, g in zip(fam.norms, gates):
+            if fam.post_norm or H is not None:
+                hook(get_module(layer, path).register_forward_hook(norm_hook(g, fam.post_norm)))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..accounting import flops_per_token, param_count
+from ..decision import Decision, layer_shape
 from ..shape import LayerShape, ModelShape
 from .attach import MaskedModel
 
@@ -71,18 +72,16 @@ class _Units:
         return c
 
     def shape_from_counts(self, c: np.ndarray) -> ModelShape:
-        d, present = self.dense, set(self.mm.masks().keys())
+        d, present = self.dense, self.mm.masks()
         hidden = int(c[0, 0]) if "hidden" in present else d.hidden
         layers = []
         for i, ls in enumerate(d.layers):
-            kv = int(c[1, i]) if f"layers.{i}.heads" in present else ls.kv_heads
-            inter = int(c[3, i]) if f"layers.{i}.neurons" in present else ls.intermediate
-            if f"layers.{i}.attention" in present and c[2, i] == 0:
-                kv = 0
-            if f"layers.{i}.ffn" in present and c[4, i] == 0:
-                inter = 0
-            if kv or inter:
-                layers.append(LayerShape(kv * self.mm.group, kv, inter))
+            masked = lambda kind: f"layers.{i}.{kind}" in present  # noqa: E731
+            l = layer_shape(int(c[1, i]) if masked("heads") else ls.kv_heads, not masked("attention") or c[2, i] > 0,
+                            int(c[3, i]) if masked("neurons") else ls.intermediate, not masked("ffn") or c[4, i] > 0,
+                            self.mm.group)
+            if l.present:
+                layers.append(l)
         return d.with_counts(hidden, layers)
 
     def shape(self, keep: np.ndarray) -> ModelShape:
@@ -113,8 +112,8 @@ def check_reachable(mm: MaskedModel, budget: Budget) -> None:
 
 
 def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone: bool = False,
-           multiple_of: int = 1) -> dict:
-    """Choose the kept units, store the decision in the masks, and return a summary. With `monotone`, units cut by
+           multiple_of: int = 1) -> Decision:
+    """Choose the kept units, store them in the masks, and return the Decision (`fit` says how the budget was met). With `monotone`, units cut by
     an earlier decision (iterative pruning) stay cut: they were trained without, so they cannot re-enter.
     `multiple_of` > 1 keeps the hidden channels and each layer's FFN neurons at a multiple of it (counts below it
     stay), so the pruned matrices keep shapes that GPU matrix units run efficiently: the hidden count goes to the
@@ -141,14 +140,10 @@ def decide(mm: MaskedModel, budget: Budget, use_threshold: bool = True, monotone
     for name, m in mm.masks().items():
         a, b = units.slices[name]
         m.decide(torch.from_numpy(keep[a:b].copy()))
-    shape = units.shape(keep)
-    return {
-        "target": target,
-        "size": float(budget.size(shape)),
-        "threshold_size": threshold_size,
-        "dense_size": float(budget.size(mm.dense)),
-        "shape": shape,
-    }
+    decision = mm.decision()
+    decision.fit = {"target": target, "size": float(budget.size(decision.shape())), "threshold_size": threshold_size,
+                    "dense_size": float(budget.size(mm.dense))}
+    return decision
 
 
 def _fit(units: _Units, keep: np.ndarray, fixed: np.ndarray, order: np.ndarray, budget: Budget, target: float,
@@ -271,23 +266,31 @@ def _fit_multiples(units: _Units, keep: np.ndarray, fixed: np.ndarray, order: np
             break
 
 
-def decide_uniform(mm: MaskedModel, budget: Budget) -> dict:
+def uniform_conflicts(family, structures) -> str:
+    """Why masking `structures` of a `family` model cannot give a uniform stock export ("" when it can)."""
+    if family.explicit_head_dim:
+        return ""
+    extra = sorted(set(structures) - {"neurons", "ffn", "attention"})
+    if not extra:
+        return ""
+    return (f"a uniform export of a {family.name} model can only prune FFN neurons (stock {family.name} configs derive "
+            f"head_dim from hidden / heads); masked structures {extra} would need the vtrans classes: drop them from "
+            "mask.structures or export the non-uniform model")
+
+
+def decide_uniform(mm: MaskedModel, budget: Budget) -> Decision:
     """A uniform decision: every layer keeps the same number of heads and FFN neurons (no block or layer is
     removed), so the pruned model loads with the stock transformers classes. Counts shrink greedily, each
     step taking the move (one head unit per layer, one neuron per layer, or hidden channels) whose dropped
     units have the lowest mean importance, until the budget is met; then neurons are added back while they fit.
-    LLaMA-family stock configs need hidden % heads == 0, so the hidden size is rounded down to a multiple
-    of the kept query heads; BERT/GPT-2 stock configs derive head_dim = hidden / heads, so for them only
-    neurons can shrink uniformly."""
+    Stock configs with an explicit head_dim (the LLaMA lineage) still need hidden % heads == 0, so the hidden size
+    is rounded down to a multiple of the kept query heads; stock configs that derive head_dim = hidden / heads
+    (BERT, GPT-2) allow only FFN neurons to shrink uniformly (see `uniform_conflicts`)."""
     check_reachable(mm, budget)
     d = mm.dense
-    fam = d.family
-    if fam != "llama":
-        extra = sorted({m.kind for m in mm.masks().values()} - {"neurons", "ffn", "attention"})
-        if extra:
-            raise ValueError(f"a uniform export of a {fam} model can only prune FFN neurons (stock {fam} configs "
-                             f"derive head_dim from hidden / heads); masked structures {extra} would need the vtrans "
-                             "classes: drop them from mask.structures or export the non-uniform model")
+    conflict = uniform_conflicts(mm.family, {m.kind for m in mm.masks().values()})
+    if conflict:
+        raise ValueError(conflict)
     L = len(d.layers)
 
     def ranked(kind):
@@ -329,7 +332,7 @@ def decide_uniform(mm: MaskedModel, budget: Budget) -> dict:
             raise ValueError(f"budget target {target:.4g} is not reachable with a uniform shape")
         _, kind = min(moves)
         kv, n, h = kv - (kind == "heads"), n - (kind == "neurons"), h - (kind == "hidden")
-    if fam == "llama" and hidden_r is not None:
+    if hidden_r is not None:
         h -= h % (kv * group)
     while neurons_r is not None and n < d.layers[0].intermediate and size(kv, n + 1, h) <= target:
         n += 1
@@ -349,6 +352,7 @@ def decide_uniform(mm: MaskedModel, budget: Budget) -> dict:
             keep = torch.zeros(mm.hidden.n, dtype=torch.bool)
             keep[hidden_r[:h].cpu()] = True
             mm.hidden.decide(keep)
-    s = shape(kv, n, h)
-    return {"target": target, "size": float(budget.size(s)), "threshold_size": float("nan"),
-            "dense_size": float(budget.size(d)), "shape": s}
+    decision = mm.decision()
+    decision.fit = {"target": target, "size": float(budget.size(decision.shape())), "threshold_size": float("nan"),
+                    "dense_size": float(budget.size(d))}
+    return decision

@@ -1,45 +1,33 @@
-"""Materialisation: fold the decided masks into the weights and slice away what they prune.
+"""Materialisation: a `Decision` applied to a model's weights. Each kept unit's scale (its mask's mu) is folded into
+the adjacent weights, pruned rows and columns are sliced away, removed blocks and layers dropped; the result is a
+plain, smaller model of the family's pruned classes (per-layer counts in its config; reloads with `from_pretrained`).
 
-The result is a plain, smaller model (vtrans' pruned model classes, which record per-layer head and
-neuron counts in their config and reload with `from_pretrained`). Folding follows the hooks in
-`attach.py` exactly, so the materialised model computes what the hard-masked model computes.
+One loop for every family: it reads the family adapter's module paths (vtrans.models), as the mask hooks do
+(vtrans.masks.attach), so the materialised model computes what the hard-masked model computes.
+
+Built for scale: the weights are read one layer at a time through `gather` (a context manager that makes a list of
+parameters whole, e.g. an engine's ZeRO-3 gathering; a no-op otherwise), folded in float32 and stored in the target
+dtype, and the pruned model is built with its parameters on the meta device and filled with the results
+(`assign=True`): the peak is the pruned model plus about one dense layer. With `build=False` a process takes part in
+the gathering (a collective under ZeRO-3) and keeps nothing.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch import nn
 
-from ..models import pruned_modeling as pm
+from ..decision import Decision
+from ..models import base_model, family_of, get_module, head_kind
 from .attach import MaskedModel
-
-CONFIG_CLASSES = {
-    "llama": pm.VTransLlamaConfig,
-    "bert": pm.VTransBertConfig,
-    "roberta": pm.VTransRobertaConfig,
-    "gpt2": pm.VTransGPT2Config,
-}
-MODEL_CLASSES = {
-    ("llama", "none"): pm.VTransLlamaModel,
-    ("llama", "lm"): pm.VTransLlamaForCausalLM,
-    ("llama", "cls"): pm.VTransLlamaForSequenceClassification,
-    ("bert", "none"): pm.VTransBertModel,
-    ("bert", "cls"): pm.VTransBertForSequenceClassification,
-    ("bert", "qa"): pm.VTransBertForQuestionAnswering,
-    ("roberta", "none"): pm.VTransRobertaModel,
-    ("roberta", "cls"): pm.VTransRobertaForSequenceClassification,
-    ("roberta", "qa"): pm.VTransRobertaForQuestionAnswering,
-    ("gpt2", "none"): pm.VTransGPT2Model,
-    ("gpt2", "lm"): pm.VTransGPT2LMHeadModel,
-    ("gpt2", "cls"): pm.VTransGPT2ForSequenceClassification,
-}
-# modules of the task model (or the base model) whose input is the hidden dimension
-HEAD_INPUTS = ("lm_head", "score", "pooler.dense", "classifier.dense", "qa_outputs")
 
 
 class _Linear:
     """A projection's weight as [out, in] whatever its storage (nn.Linear or GPT-2's Conv1D [in, out])."""
 
     def __init__(self, sd: dict, prefix: str, conv1d: bool):
-        self.sd, self.prefix, self.conv1d = sd, prefix, conv1d
+        self.prefix, self.conv1d = prefix, conv1d
         w = sd[prefix + ".weight"]
         self.w = w.t() if conv1d else w
         self.b = sd.get(prefix + ".bias")
@@ -66,137 +54,129 @@ class _Linear:
             out[self.prefix + ".bias"] = self.b.contiguous()
 
 
-def _hard(mask, n: int, device):
-    """(kept indices, mu on the kept units) of a mask; all units with mu 1 when the structure is not masked."""
-    if mask is None:
-        return torch.arange(n, device=device), torch.ones(n, device=device)
-    keep = mask.kept()
-    idx = keep.nonzero().flatten()
-    return idx, mask.hard_values().index_select(0, idx).float()
+@contextlib.contextmanager
+def _whole(params):
+    yield
 
 
-def _scalar(mask) -> float:
-    return 1.0 if mask is None else float(mask.hard_values()[0])
+def _persistent_buffers(model: nn.Module):
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                yield (f"{prefix}.{name}" if prefix else name), buf
+
+
+def _read(module: nn.Module, gather, keep: bool) -> dict:
+    """The module's state (parameters and persistent buffers) in float32 on the CPU, gathered whole."""
+    with gather(list(module.parameters())):
+        if not keep:
+            return {}
+        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (buffers stay real): a model skeleton that costs
+    no memory, to be filled with `load_state_dict(..., assign=True)`."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 @torch.no_grad()
-def materialize(mm: MaskedModel, dtype: torch.dtype | None = None):
-    """Build the pruned model from the decided (or thresholded) masks. The masked model is left unchanged."""
-    spec, dense, model = mm.spec, mm.dense, mm.model
-    shape = mm.kept_shape()
-    mask_params = {id(p) for m in mm.masks().values() for p in list(m.parameters()) + list(m.buffers())}
-    sd = {k: v.detach().float() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in mask_params}
-    device = next(iter(sd.values())).device
-    base_prefix = next((b + "." for b in spec.base if hasattr(model, b)), "")
-    layers_prefix = base_prefix + spec.layers + "."
-    post = spec.post_norm
-    hk, hmu = _hard(mm.hidden, dense.hidden, device)
+def materialize(model, decision: Decision | None = None, dtype: torch.dtype | None = None, gather=None,
+                build: bool = True):
+    """The pruned model that `decision` cuts from `model` (a model, or a MaskedModel whose masks' decision is the
+    default), in `dtype` (default: the model's), on the CPU. The model is left unchanged. See the module docstring."""
+    if isinstance(model, MaskedModel):  # masks are not part of the model's state
+        decision = decision or model.decision()
+        model = model.model
+    if decision is None:
+        raise ValueError("materialize needs a decision (or a MaskedModel holding one)")
+    fam = family_of(model)
+    gather = gather or _whole
+    dense = decision.dense
+    target_dtype = dtype or next(model.parameters()).dtype
+    base = base_model(model, fam)
+    base_prefix = next((b + "." for b in fam.base if hasattr(model, b)), "")
+    layers = get_module(base, fam.layers)
+    layers_prefix = base_prefix + fam.layers + "."
+    post = fam.post_norm
+    hk, hmu = decision.hidden.index, decision.hidden.scale.float()
     out: dict[str, torch.Tensor] = {}
 
-    def norm(prefix: str, scale=None, divide=False):
-        for suffix in (".weight", ".bias"):
-            t = sd.get(prefix + suffix)
-            if t is None:
+    # --- everything outside the layers: embeddings, the embedding / final norm, task heads
+    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(layers_prefix)]
+    with gather([p for _, p in outside]):
+        sd = {n: p.detach().float().cpu() for n, p in outside} if build else {}
+    if build:
+        sd.update({n: b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
+                   for n, b in _persistent_buffers(model) if not n.startswith(layers_prefix)})
+
+        def norm(prefix: str, scale=None, divide=False):
+            for suffix in (".weight", ".bias"):
+                t = sd.get(prefix + suffix)
+                if t is not None:
+                    t = t.index_select(0, hk)
+                    out[prefix + suffix] = t if scale is None else (t / scale if divide else t * scale)
+
+        for path in fam.embeddings:
+            key = base_prefix + path + ".weight"
+            if key in sd:
+                w = sd[key].index_select(1, hk)
+                out[key] = w if post else w * hmu.unsqueeze(0)
+        if post:
+            norm(base_prefix + fam.embed_norm, hmu)
+        else:
+            tied_lm = dense.head == "lm" and dense.tied_embeddings
+            norm(base_prefix + fam.final_norm, hmu if tied_lm else None, divide=True)
+        for key, t in sd.items():
+            if not key.endswith(".weight") or key in out:
                 continue
-            t = t.index_select(0, hk)
-            if scale is not None:
-                t = t / scale if divide else t * scale
-            out[prefix + suffix] = t
+            module = key[: -len(".weight")]
+            name = module[len(base_prefix):] if module.startswith(base_prefix) else module
+            if name in fam.head_inputs:
+                out[key] = t.index_select(1, hk)
+                if module + ".bias" in sd:
+                    out[module + ".bias"] = sd[module + ".bias"]
+        for key, t in sd.items():  # what the hidden dimension does not touch (classifier outputs, buffers) is kept
+            out.setdefault(key, t)
+        if dense.head == "lm" and dense.tied_embeddings and "lm_head.weight" in out:
+            out["lm_head.weight"] = out[base_prefix + fam.embeddings[0] + ".weight"]
 
-    # embeddings, embedding / final norms, heads
-    for path in spec.embeddings:
-        key = base_prefix + path + ".weight"
-        if key in sd:
-            w = sd[key].index_select(1, hk)
-            out[key] = w if post else w * hmu.unsqueeze(0)
-    if post:
-        norm(base_prefix + spec.embed_norm, hmu)
-    else:
-        tied_lm = dense.head == "lm" and dense.tied_embeddings
-        norm(base_prefix + spec.final_norm, hmu if tied_lm else None, divide=True)
-    for key, t in sd.items():
-        if key.startswith(layers_prefix) or key in out or not key.endswith(".weight"):
-            continue
-        name = key[len(base_prefix):] if key.startswith(base_prefix) else key
-        if name[: -len(".weight")] in HEAD_INPUTS:
-            out[key] = t.index_select(1, hk)
-            if key[: -len(".weight")] + ".bias" in sd:
-                out[key[: -len(".weight")] + ".bias"] = sd[key[: -len(".weight")] + ".bias"]
-    for key, t in sd.items():  # what the hidden dimension does not touch (classifier outputs, buffers) is kept
-        if not key.startswith(layers_prefix) and key not in out:
-            out[key] = t
-    if dense.head == "lm" and dense.tied_embeddings and "lm_head.weight" in sd:
-        out["lm_head.weight"] = out[base_prefix + spec.embeddings[0] + ".weight"]
-
-    # layers
+    # --- the layers, one at a time
     new_index = 0
-    for i, (ls, lm) in enumerate(zip(dense.layers, mm.layers)):
-        kv_idx, kv_mu = _hard(lm.heads, ls.kv_heads, device)
-        if lm.attention is not None and not bool(lm.attention.kept().all()):
-            kv_idx, kv_mu = kv_idx[:0], kv_mu[:0]
-        n_idx, n_mu = _hard(lm.neurons, ls.intermediate, device)
-        if lm.ffn is not None and not bool(lm.ffn.kept().all()):
-            n_idx, n_mu = n_idx[:0], n_mu[:0]
-        if len(kv_idx) == 0 and len(n_idx) == 0:
+    for i, (layer, ld) in enumerate(zip(layers, decision.layers)):
+        if not ld.present:
             continue  # the whole layer is gone
-        src, dst = f"{layers_prefix}{i}.", f"{layers_prefix}{new_index}."
+        sd = _read(layer, gather, build)
+        if not build:
+            continue
+        dst = f"{layers_prefix}{new_index}."
         new_index += 1
-        group, dh = mm.group, dense.head_dim
-        a, f = _scalar(lm.attention), _scalar(lm.ffn)
-        out_scale_attn = (torch.full_like(hmu, a) if post else a * hmu)
-        out_scale_ffn = (torch.full_like(hmu, f) if post else f * hmu)
-        layer_out: dict[str, torch.Tensor] = {}
-        if len(kv_idx):
-            q_heads = (kv_idx.unsqueeze(1) * group + torch.arange(group, device=device)).flatten()
-            q_ch = (q_heads.unsqueeze(1) * dh + torch.arange(dh, device=device)).flatten()
-            kv_ch = (kv_idx.unsqueeze(1) * dh + torch.arange(dh, device=device)).flatten()
-            head_scale = kv_mu.repeat_interleave(group * dh)
-            if len(spec.qkv) == 3:
-                for path, ch in zip(spec.qkv, (q_ch, kv_ch, kv_ch)):
-                    _Linear(sd, src + path, spec.conv1d).select_out(ch).select_in(hk).store(layer_out)
-            else:  # fused q|k|v (gpt2)
-                width = ls.heads * dh
-                ch = torch.cat([q_ch, kv_ch + width, kv_ch + 2 * width])
-                _Linear(sd, src + spec.qkv[0], spec.conv1d).select_out(ch).select_in(hk).store(layer_out)
-            _Linear(sd, src + spec.o, spec.conv1d).select_in(q_ch, head_scale).select_out(hk, out_scale_attn) \
-                .store(layer_out)
-            if post:
-                norm_prefix = src + spec.norms[0]
-                for suffix in (".weight", ".bias"):
-                    layer_out[norm_prefix + suffix] = sd[norm_prefix + suffix].index_select(0, hk) * hmu
-        elif not post:  # zero-head attention keeps its (empty) projections and a zero output bias
-            empty = torch.zeros(0, dtype=torch.long, device=device)
-            for path in spec.qkv:
-                _Linear(sd, src + path, spec.conv1d).select_out(empty).select_in(hk).store(layer_out)
-            _Linear(sd, src + spec.o, spec.conv1d).select_in(empty).select_out(hk, torch.zeros_like(hmu)) \
-                .store(layer_out)
-        ffn_in_idx = n_idx
-        for path in spec.ffn_in:
-            if post and not len(n_idx):
-                break
-            _Linear(sd, src + path, spec.conv1d).select_out(ffn_in_idx).select_in(hk).store(layer_out)
-        if len(n_idx) or not post:
-            scale = out_scale_ffn if len(n_idx) else torch.zeros_like(hmu)
-            _Linear(sd, src + spec.ffn_out, spec.conv1d).select_in(n_idx, n_mu).select_out(hk, scale) \
-                .store(layer_out)
-            if post:
-                norm_prefix = src + spec.norms[1]
-                for suffix in (".weight", ".bias"):
-                    layer_out[norm_prefix + suffix] = sd[norm_prefix + suffix].index_select(0, hk) * hmu
-        if not post:
-            for path in spec.norms:
-                for suffix in (".weight", ".bias"):
-                    key = src + path + suffix
-                    if key in sd:
-                        layer_out[key] = sd[key].index_select(0, hk)
-        for k, v in layer_out.items():
-            out[dst + k[len(src):]] = v
+        for k, v in _slice_layer(fam, sd, ld, dense, decision.group, hk, hmu).items():
+            out[dst + k] = v
 
-    config = pruned_config(mm, shape)
-    cls = MODEL_CLASSES[(dense.family, dense.head)]
-    pruned = cls(config)
-    target_dtype = dtype or next(model.parameters()).dtype
-    missing, unexpected = pruned.load_state_dict({k: v for k, v in out.items()}, strict=False)
+    if not build:
+        return None
+    kept_layers = decision.kept_layers()
+    shape = decision.shape()
+    config = fam.pruned_config_for(model.config, shape.hidden, [(l.heads, l.kv_heads, l.intermediate)
+                                                                for l in shape.layers],
+                                   kept_layers, pooler_dim=dense.pooler_dim)
+    with parameters_on_meta():
+        pruned = fam.pruned_models[head_kind(model)](config)
+    state = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in out.items()}
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if dense.tied_embeddings else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
@@ -204,74 +184,58 @@ def materialize(mm: MaskedModel, dtype: torch.dtype | None = None):
                            f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     if dense.tied_embeddings and dense.head == "lm":
         pruned.tie_weights()
-    return pruned.to(dtype=target_dtype).eval()
+    leftover = [n for n, p in pruned.named_parameters() if p.is_meta]
+    if leftover:
+        raise RuntimeError(f"materialisation left parameters unfilled: {leftover[:8]}")
+    return pruned.eval()
 
 
-def pruned_config(mm: MaskedModel, shape):
-    """The pruned model's config: the dense config with the kept sizes and per-layer counts."""
-    c = mm.model.config.to_dict()
-    for k in ("model_type", "auto_map", "architectures", "transformers_version", "vtrans_layers"):
-        c.pop(k, None)
-    fam = shape.family
-    layers = [{"heads": int(l.heads), "kv_heads": int(l.kv_heads), "intermediate": int(l.intermediate)}
-              for l in shape.layers]
-    c["head_dim"] = shape.head_dim
-    c["vtrans_layers"] = layers
-    if fam == "gpt2":
-        c.update(n_embd=int(shape.hidden), n_layer=len(layers))
-    else:
-        c.update(hidden_size=int(shape.hidden), num_hidden_layers=len(layers))
-    if fam in ("bert", "roberta") and shape.pooler_dim:
-        c["vtrans_pooler_dim"] = shape.pooler_dim
-    if "layer_types" in c and c["layer_types"] is not None:
-        kept = [i for i, l in enumerate(mm.dense.layers) if _layer_kept(mm, i)]
-        c["layer_types"] = [c["layer_types"][i] for i in kept]
-    return CONFIG_CLASSES[fam](**c)
+def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: torch.Tensor) -> dict:
+    """One kept layer's tensors, sliced and with the kept units' scales folded in (keys relative to the layer)."""
+    post = fam.post_norm
+    dh = dense.head_dim
+    layer_out: dict[str, torch.Tensor] = {}
+    kv_idx, kv_mu = ld.heads.index, ld.heads.scale.float()
+    n_idx, n_mu = ld.neurons.index, ld.neurons.scale.float()
+    a, f = ld.attention_scale, ld.ffn_scale
+    out_scale_attn = torch.full_like(hmu, a) if post else a * hmu
+    out_scale_ffn = torch.full_like(hmu, f) if post else f * hmu
 
+    def norm(path: str, scale=None):
+        for suffix in (".weight", ".bias"):
+            t = sd.get(path + suffix)
+            if t is not None:
+                t = t.index_select(0, hk)
+                layer_out[path + suffix] = t if scale is None else t * scale
 
-def _layer_kept(mm: MaskedModel, i: int) -> bool:
-    lm = mm.layers[i]
-    heads = lm.heads is None or bool(lm.heads.kept().any())
-    if lm.attention is not None and not bool(lm.attention.kept().all()):
-        heads = False
-    neurons = lm.neurons is None or bool(lm.neurons.kept().any())
-    if lm.ffn is not None and not bool(lm.ffn.kept().all()):
-        neurons = False
-    return heads or neurons
-
-
-
-def to_stock(pruned):
-    """A uniformly pruned vtrans model as the stock transformers class (loads without trust_remote_code)."""
-    import transformers
-
-    from ..models.spec import shape_of
-
-    shape = shape_of(pruned)
-    layers = shape.layers
-    if any((l.heads, l.kv_heads, l.intermediate) != (layers[0].heads, layers[0].kv_heads, layers[0].intermediate)
-           for l in layers):
-        raise ValueError(f"the pruned shape is not uniform ({shape.summary()}); decide with a uniform decision "
-                         "(export_uniform=true) to export stock classes")
-    fam = shape.family
-    c = pruned.config.to_dict()
-    for k in ("model_type", "auto_map", "architectures", "transformers_version", "vtrans_layers",
-              "vtrans_pooler_dim"):
-        c.pop(k, None)
-    l0 = layers[0]
-    if fam == "llama":
-        c.update(num_attention_heads=l0.heads, num_key_value_heads=l0.kv_heads, intermediate_size=l0.intermediate,
-                 head_dim=shape.head_dim)
-    elif fam == "gpt2":
-        c.pop("head_dim", None)
-        c.update(n_head=l0.heads, n_inner=l0.intermediate)
-    else:
-        c.pop("head_dim", None)
-        c.update(num_attention_heads=l0.heads, intermediate_size=l0.intermediate)
-    config_cls = getattr(transformers, {"llama": "LlamaConfig", "bert": "BertConfig", "roberta": "RobertaConfig",
-                                        "gpt2": "GPT2Config"}[fam])
-    config = config_cls(**c)
-    cls = getattr(transformers, type(pruned).__name__.removeprefix("VTrans"))  # e.g. VTransLlamaForCausalLM
-    stock = cls(config)
-    stock.load_state_dict(pruned.state_dict(), strict=True)
-    return stock.to(next(pruned.parameters()).dtype).eval()
+    if len(kv_idx):
+        q_heads = (kv_idx.unsqueeze(1) * group + torch.arange(group)).flatten()
+        q_ch = (q_heads.unsqueeze(1) * dh + torch.arange(dh)).flatten()
+        kv_ch = (kv_idx.unsqueeze(1) * dh + torch.arange(dh)).flatten()
+        head_scale = kv_mu.repeat_interleave(group * dh)
+        if len(fam.qkv) == 3:
+            for path, ch in zip(fam.qkv, (q_ch, kv_ch, kv_ch)):
+                _Linear(sd, path, fam.conv1d).select_out(ch).select_in(hk).store(layer_out)
+        else:  # fused q|k|v (gpt2)
+            width = sd[fam.qkv[0] + ".weight"].shape[1 if fam.conv1d else 0] // 3
+            ch = torch.cat([q_ch, kv_ch + width, kv_ch + 2 * width])
+            _Linear(sd, fam.qkv[0], fam.conv1d).select_out(ch).select_in(hk).store(layer_out)
+        _Linear(sd, fam.o, fam.conv1d).select_in(q_ch, head_scale).select_out(hk, out_scale_attn).store(layer_out)
+        if post:
+            norm(fam.norms[0], hmu)
+    elif not post:  # zero-head attention keeps its (empty) projections and a zero output bias
+        empty = torch.zeros(0, dtype=torch.long)
+        for path in fam.qkv:
+            _Linear(sd, path, fam.conv1d).select_out(empty).select_in(hk).store(layer_out)
+        _Linear(sd, fam.o, fam.conv1d).select_in(empty).select_out(hk, torch.zeros_like(hmu)).store(layer_out)
+    if len(n_idx) or not post:
+        for path in fam.ffn_in:
+            _Linear(sd, path, fam.conv1d).select_out(n_idx).select_in(hk).store(layer_out)
+        scale = out_scale_ffn if len(n_idx) else torch.zeros_like(hmu)
+        _Linear(sd, fam.ffn_out, fam.conv1d).select_in(n_idx, n_mu).select_out(hk, scale).store(layer_out)
+        if post:
+            norm(fam.norms[1], hmu)
+    if not post:
+        for path in fam.norms:
+            norm(path)
+    return layer_out

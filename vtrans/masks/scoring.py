@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from ..accounting import param_count
-from ..models.spec import base_model, get_module
+from ..models import base_model, get_module, has_module
 from ..objectives import lm_loss
 from ..shape import LayerShape
 from .attach import MaskedModel
-from .materialize import HEAD_INPUTS
 
 METHODS = ("random", "magnitude", "activation", "taylor")
 NEEDS_DATA = ("activation", "taylor")
@@ -181,27 +180,27 @@ class _Geometry:
     """The modules of each layer, and the rows / columns each head unit owns."""
 
     def __init__(self, mm: MaskedModel):
-        self.mm, self.spec, self.dense = mm, mm.spec, mm.dense
-        self.base = base_model(mm.model, mm.spec)
-        self.layers = list(get_module(self.base, mm.spec.layers))
-        self.embeddings = [get_module(self.base, p) for p in mm.spec.embeddings if _has(self.base, p)]
-        prefix = next((b + "." for b in mm.spec.base if hasattr(mm.model, b)), "")
+        self.mm, self.family, self.dense = mm, mm.family, mm.dense
+        self.base = base_model(mm.model, mm.family)
+        self.layers = list(get_module(self.base, mm.family.layers))
+        self.embeddings = [get_module(self.base, p) for p in mm.family.embeddings if has_module(self.base, p)]
+        prefix = next((b + "." for b in mm.family.base if hasattr(mm.model, b)), "")
         self.head_inputs = [mod for name, mod in mm.model.named_modules()
-                            if (name[len(prefix):] if name.startswith(prefix) else name) in HEAD_INPUTS
+                            if (name[len(prefix):] if name.startswith(prefix) else name) in mm.family.head_inputs
                             and getattr(mod, "weight", None) is not None]
         self.device = next(mm.model.parameters()).device
 
     def qkv(self, i: int) -> list[nn.Module]:
-        return [get_module(self.layers[i], p) for p in self.spec.qkv]
+        return [get_module(self.layers[i], p) for p in self.family.qkv]
 
     def o(self, i: int) -> nn.Module:
-        return get_module(self.layers[i], self.spec.o)
+        return get_module(self.layers[i], self.family.o)
 
     def ffn_in(self, i: int) -> list[nn.Module]:
-        return [get_module(self.layers[i], p) for p in self.spec.ffn_in]
+        return [get_module(self.layers[i], p) for p in self.family.ffn_in]
 
     def ffn_out(self, i: int) -> nn.Module:
-        return get_module(self.layers[i], self.spec.ffn_out)
+        return get_module(self.layers[i], self.family.ffn_out)
 
     def q_channels(self, i: int) -> torch.Tensor:
         """[units, group * head_dim]: the o-projection input channels of each head unit."""
@@ -214,7 +213,7 @@ class _Geometry:
         ls, dh = self.dense.layers[i], self.dense.head_dim
         q = self.q_channels(i)
         kv = torch.arange(ls.kv_heads * dh, device=self.device).reshape(ls.kv_heads, dh)
-        if len(self.spec.qkv) == 3:
+        if len(self.family.qkv) == 3:
             return [q, kv, kv]
         width = ls.heads * dh  # fused q|k|v (gpt2)
         return [torch.cat([q, kv + width, kv + 2 * width], 1)]
@@ -223,18 +222,10 @@ class _Geometry:
         """The norms where the residual stream is read, in order: pre-norm, each layer's two norms and the
         final norm (their inputs); post-norm, the embedding norm and each layer's two norms (their outputs).
         The attention of layer i writes just before read 2i + 1, its FFN just before read 2i + 2."""
-        norms = [get_module(layer, p) for layer in self.layers for p in self.spec.norms]
-        if self.spec.post_norm:
-            return [get_module(self.base, self.spec.embed_norm)] + norms
-        return norms + [get_module(self.base, self.spec.final_norm)]
-
-
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        get_module(root, path)
-        return True
-    except AttributeError:
-        return False
+        norms = [get_module(layer, p) for layer in self.layers for p in self.family.norms]
+        if self.family.post_norm:
+            return [get_module(self.base, self.family.embed_norm)] + norms
+        return norms + [get_module(self.base, self.family.final_norm)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,7 +316,7 @@ class _Sums:
 
 @torch.no_grad()
 def _activation(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
-    spec, sums, handles = geo.spec, _Sums(), []
+    fam, sums, handles = geo.family, _Sums(), []
     n_layers, reads = len(geo.layers), geo.stream_reads()
 
     def unit_cov(key, units: int):  # sum over tokens of x_u x_u^T, for each head unit's channels x_u
@@ -348,7 +339,7 @@ def _activation(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
             handles.append(geo.o(i).register_forward_hook(energy(("attention", i), False, True)))
             handles.append(geo.ffn_out(i).register_forward_hook(energy(("ffn", i), False, True)))
         for r, module in enumerate(reads):
-            if spec.post_norm:
+            if fam.post_norm:
                 handles.append(module.register_forward_hook(energy(("stream", r), True, True)))
                 handles.append(module.register_forward_hook(energy(("norm_in", r), False, False)))
             else:
@@ -373,7 +364,7 @@ def _activation(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
         """Damage per unit of squared norm written just before read r0: the relative perturbation of the
         stream, summed over the reads it reaches. Post-norm: every norm rescales the stream, so the relative
         perturbation at the first norm carries on unchanged."""
-        if spec.post_norm:
+        if fam.post_norm:
             return (len(reads) - r0) / max(float(sums.mean(("norm_in", r0))), 1e-12)
         return sum(1.0 / t for t in total[r0:])
 

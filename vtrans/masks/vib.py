@@ -1,5 +1,5 @@
 """The structure mask: one module per masked structure (a layer's heads, its FFN neurons, a block, the
-hidden dimension), registered inside the module it gates so ZeRO-3 gathers it with that module.
+hidden dimension), applied by a hook on the module it gates (vtrans.masks.attach). Always float32.
 
 method "vib": a Variational Information Bottleneck mask (Dai et al. 2018; VTrans). Per unit `mu` and
 `log_sigma2`; training multiplies by z = mu + eps * sigma (eps drawn per token); evaluation by
@@ -29,12 +29,12 @@ class StructureMask(nn.Module):
         self.register_buffer("scores", torch.zeros(n), persistent=True)  # filled by one-shot scorers
         self.register_buffer("decided", torch.ones(n, dtype=torch.bool), persistent=True)
         self.register_buffer("has_decision", torch.zeros((), dtype=torch.bool), persistent=True)
-        # The kept set as of the last forward: a buffer (never partitioned by ZeRO-3), read by norm hooks.
+        # The kept set as of the last forward, read by the norm hooks.
         self.register_buffer("kept_now", torch.ones(n, dtype=torch.bool), persistent=False)
         self.last_kl: torch.Tensor | None = None
         self.last_soft: torch.Tensor | None = None
 
-    # --- statistics (pure functions of the parameters; call them inside forward under ZeRO-3) ---
+    # --- statistics (pure functions of the parameters) ---
     def log_alpha(self) -> torch.Tensor:
         return self.log_sigma2 - torch.log(self.mu.pow(2) + LOG_EPS)
 
@@ -85,8 +85,7 @@ class StructureMask(nn.Module):
 
     # --- the gate itself ---
     def forward(self, x: torch.Tensor):
-        """x: [..., n, k] (units on dim -2). Returns (x * z, kl, soft_kept); the statistics are outputs so that
-        ZeRO-3's backward hooks re-gather mu / log_sigma2 for them."""
+        """x: [..., n, k] (units on dim -2). Returns (x * z, kl, soft_kept) of this forward."""
         self.kept_now.copy_(self.kept())
         if self.training and self.method == "vib":
             sigma = torch.exp(0.5 * self.log_sigma2)

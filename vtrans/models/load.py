@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .spec import family_of
+from .common import FAMILIES
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QA_FAMILIES = ("bert", "roberta")  # extractive QA heads (qa_outputs on the sequence output) the pruned classes have
 
 
 def resolve_model_source(mc) -> tuple[str, dict]:
@@ -43,16 +43,20 @@ def resolve_model_source(mc) -> tuple[str, dict]:
     return str(root), kwargs
 
 
-def load_config(mc):
+def read_model_config(mc):
     """The model's config alone (cheap): checks the family is supported before any weights are read."""
     from transformers import AutoConfig
 
+    from . import family_of, register_auto
+
+    register_auto()
     source, kwargs = resolve_model_source(mc)
     config = AutoConfig.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
     family = family_of(config)
-    if mc.task == "question_answering" and family not in QA_FAMILIES:
-        raise ValueError(f"model.task=question_answering is supported for the model families {list(QA_FAMILIES)}; "
-                         f"{mc.name_or_path or mc.package!r} is a {family!r} model")
+    if mc.task == "question_answering" and "qa" not in family.pruned_models:
+        qa = sorted(f.name for f in FAMILIES.values() if "qa" in f.pruned_models)
+        raise ValueError(f"model.task=question_answering is supported for the model families {qa}; "
+                         f"{mc.name_or_path or mc.package!r} is a {family.name!r} model")
     return config
 
 
@@ -61,11 +65,8 @@ def load_model(mc, config=None):
     from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
-    from . import pruned_modeling
-
-    pruned_modeling.register_auto()
     source, kwargs = resolve_model_source(mc)
-    config = config or load_config(mc)
+    config = config or read_model_config(mc)
     cls = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
            "question_answering": AutoModelForQuestionAnswering}.get(mc.task, AutoModel)
     extra = {"num_labels": mc.num_labels} if mc.task == "sequence_classification" else {}
