@@ -69,7 +69,7 @@ def main(argv=None) -> None:
         print(shlex.join(cmd), flush=True)
         if not args.dry_run:
             out.mkdir(parents=True, exist_ok=True)
-            subprocess.run(cmd, cwd=REPO, check=True)  # the templates run launch.py from the submit directory
+            subprocess.run(cmd, cwd=REPO, check=True)  # the template runs launch.py from the submit directory
 
 
 if __name__ == "__main__":

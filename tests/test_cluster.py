@@ -1,4 +1,4 @@
-"""vtrans.cluster (rank/world/rendezvous derivation) and the slurm/*.sbatch templates.
+"""vtrans.cluster (rank/world/rendezvous derivation) and the sbatch template slurm/vtrans.sbatch.
 
 Unit tests use synthetic environments (torchrun/DeepSpeed variables, or Slurm variables that need
 no scontrol). The Slurm path proper runs under a real local cluster (tests/slurm_local.py), as
@@ -23,8 +23,7 @@ from vtrans.cluster import (DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, PORT_BASE,
                             parse_tasks_per_node, slurm_port)
 
 REPO = Path(__file__).resolve().parents[1]
-SINGLE_NODE = REPO / "slurm" / "single_node.sbatch"
-MULTI_NODE = REPO / "slurm" / "multi_node.sbatch"
+TEMPLATE = REPO / "slurm" / "vtrans.sbatch"  # one template; the node count is sbatch's --nodes (default 1)
 EMPTY_PATH = {"PATH": "/nonexistent"}  # no scontrol reachable: the code must not need it
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "GROUP_RANK",
               "NODE_RANK", "CROSS_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -187,17 +186,17 @@ def test_cluster_module_imports_no_torch_or_deepspeed():
     assert r.stdout.strip() == "[]"
 
 
-def test_sbatch_templates_are_portable():
-    for path in (SINGLE_NODE, MULTI_NODE):
-        text = path.read_text()
-        r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        for needle in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "--open-mode=append",
-                       "#SBATCH --output=slurm-%x-%j.out", "PYTHON=${PYTHON:-python}",
-                       "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
-                       '$PYTHON launch.py "$@"', "##SBATCH --gpus-per-node", "trap "):
-            assert needle in text, f"{path.name} lacks {needle!r}"
-        assert "/work/" not in text and "/home/" not in text and "/shared/" not in text
+def test_sbatch_template_is_portable():
+    assert sorted(p.name for p in TEMPLATE.parent.glob("*.sbatch")) == [TEMPLATE.name]
+    text = TEMPLATE.read_text()
+    r = subprocess.run(["bash", "-n", str(TEMPLATE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for needle in ("#SBATCH --nodes=1\n", "#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "--open-mode=append",
+                   "#SBATCH --output=slurm-%x-%j.out", "PYTHON=${PYTHON:-python}",
+                   "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}", "SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
+                   "REQUEUE_ON_USR1", '$PYTHON launch.py "$@"', "##SBATCH --gpus-per-node", "trap "):
+        assert needle in text, f"{TEMPLATE.name} lacks {needle!r}"
+    assert "/work/" not in text and "/home/" not in text and "/shared/" not in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,11 +346,13 @@ def wait_files(d: Path, pattern: str, n: int, timeout: float = 30.0) -> list[Pat
                        f"{sorted(p.name for p in d.iterdir())}")
 
 
-def submit_template(cluster: LocalSlurm, submit_dir: Path, *args: str,
-                    template: Path = SINGLE_NODE, nodes: int = 1, **env: str) -> str:
+def submit_template(cluster: LocalSlurm, submit_dir: Path, *args: str, nodes: int | None = None,
+                    **env: str) -> str:
+    """sbatch slurm/vtrans.sbatch with 2 tasks per node; without `nodes`, the template's own node count (1)."""
     (submit_dir / "launch.py").write_text(LAUNCH_PY)
-    return cluster.sbatch(f"--nodes={nodes}", "--ntasks-per-node=2", "--cpus-per-task=1",
-                          "--time=5", str(template), *args, cwd=submit_dir,
+    node_args = [f"--nodes={nodes}"] if nodes else []
+    return cluster.sbatch(*node_args, "--ntasks-per-node=2", "--cpus-per-task=1",
+                          "--time=5", str(TEMPLATE), *args, cwd=submit_dir,
                           env=job_env(cluster, PYTHON=sys.executable, **env))
 
 
@@ -444,7 +445,7 @@ def test_submitit_runs_against_local_cluster(slurm_cluster, tmp_path, monkeypatc
 @pytest.mark.timeout(90)
 def test_multi_node_template_signals_every_task(slurm_cluster_2nodes, tmp_path):
     c = slurm_cluster_2nodes
-    job = submit_template(c, tmp_path, template=MULTI_NODE, nodes=2)
+    job = submit_template(c, tmp_path, nodes=2)
     wait_files(tmp_path, "ready-*-restart0", 4)
     c.run("scancel", "--batch", "--signal=USR1", job)
     got = wait_files(tmp_path, "got-SIGUSR1-*-restart0", 4, timeout=15)

