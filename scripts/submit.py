@@ -36,14 +36,22 @@ def launch_overrides(job: dict, seed: int, out: Path, extra: list[str] = ()) -> 
     return [*job["overrides"], *extra, f"optim.seed={seed}", f"output_dir={out}"]
 
 
-def validate(overrides: list[str]) -> None:
-    """Compose conf/ with the overrides and run the schema's checks, as launch.py would, without training."""
+def world_size(job: dict) -> int:
+    """The number of processes the job's sbatch options start (nodes x tasks per node)."""
+    options = job["sbatch"]
+    return int(options.get("nodes", 1)) * int(options.get("ntasks-per-node", 1))
+
+
+def validate(overrides: list[str], world: int = 1) -> None:
+    """Compose conf/ with the overrides and run the schema's checks and those the number of processes decides, as
+    launch.py would, without training."""
     from hydra import compose, initialize_config_dir
 
     import vtrans.config as config
+    from vtrans.pipeline import check_world_size
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        config.load_config(compose(config_name="config", overrides=overrides))
+        check_world_size(config.load_config(compose(config_name="config", overrides=overrides)), world)
 
 
 def sbatch_command(name: str, job: dict, seed: int, out: Path, extra: list[str] = ()) -> list[str]:
@@ -63,7 +71,7 @@ def main(argv=None) -> None:
     job, name = load_job(args.job), args.job.stem
     runs = [(seed, args.runs_dir.resolve() / name / f"seed{seed}") for seed in job["seeds"]]
     for seed, out in runs:
-        validate(launch_overrides(job, seed, out, args.extra))
+        validate(launch_overrides(job, seed, out, args.extra), world_size(job))
     for seed, out in runs:
         cmd = sbatch_command(name, job, seed, out, args.extra)
         print(shlex.join(cmd), flush=True)

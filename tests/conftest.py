@@ -5,6 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "VTRANS_CACHE" not in os.environ:  # the token cache of the tests' runs stays out of the user's ~/.cache
+    import tempfile
+
+    os.environ["VTRANS_CACHE"] = tempfile.mkdtemp(prefix="vtrans-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -36,9 +36,11 @@ GLUE = {
     "rte": ("rte", "sentence1,sentence2", 2, "validation", "accuracy"),
 }
 ZERO_SHOT = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
-DECODERS = {  # name -> (title, training blocks, perplexity window, stride, extra YAML)
-    "gpt2": ("GPT-2", 512, 1024, 512, ""),
+DECODERS = {  # name -> (title, training blocks, perplexity window, stride, optim YAML, extra YAML)
+    "gpt2": ("GPT-2", 512, 1024, 512, "optim:\n  steps: 2000\n  batch_size: 8\n", ""),
+    # a global batch of 32 sequences splits over 8, 16 or 32 GPUs; activations recomputed to fit 4 x 512 tokens
     "llama2_7b": ("LLaMA-2-7B", 512, 2048, 1024,
+                  "optim:\n  steps: 500\n  batch_size: 32\n  gradient_checkpointing: true\n",
                   "deepspeed:\n  enabled: true\n  stage: 3\n  bf16: true\n"),
 }
 WIKITEXT = "hf:Salesforce/wikitext:wikitext-2-raw-v1"
@@ -81,7 +83,7 @@ def grid() -> dict[str, str]:
             "eval:\n  primary: f1\n  batch_size: 64\n  qa_doc_stride: 128\n"
             "optim:\n  steps: 3000\n  batch_size: 16\n"
             f"logger:\n  tags: {tags.format(task='squad')}\n")
-    for (model, (title, seq, window, stride, extra)), pct, variant in itertools.product(
+    for (model, (title, seq, window, stride, optim, extra)), pct, variant in itertools.product(
             DECODERS.items(), BUDGETS, VARIANTS):
         files[f"{model}_{pct}_{variant}"] = (
             _header(f"{title}, task-agnostic", pct, variant)
@@ -91,7 +93,7 @@ def grid() -> dict[str, str]:
             + f"data:\n  source: {WIKITEXT}:train\n  eval_source: {WIKITEXT}:test\n  seq_len: {seq}\n"
             f"  eval_window: {window}\n  eval_stride: {stride}\n"
             f"eval:\n  primary: ppl\n  lm_eval_tasks: [{', '.join(ZERO_SHOT)}]\n"
-            "optim:\n  steps: 2000\n  batch_size: 8\n"
+            + optim
             + extra
             + f"logger:\n  tags: [{model}, task_agnostic, {variant}, reduction{pct}]\n")
     return files
@@ -145,6 +147,25 @@ def test_experiment_composes_and_validates(name):
         assert cfg.data.eval_window > cfg.data.eval_stride > 0  # perplexity protocol stated
         assert cfg.eval.lm_eval_tasks == ZERO_SHOT
         assert cfg.deepspeed.enabled == name.startswith("llama2_7b")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in grid() if n.startswith("llama2_7b")))
+@pytest.mark.parametrize("world", [8, 32])
+def test_the_7b_experiments_split_over_8_and_32_gpus(name, world):
+    from vtrans.pipeline import check_world_size
+
+    check_world_size(load_config(_compose([f"experiment={name}"])), world)  # no error
+
+
+def test_a_batch_that_ranks_cannot_split_fails_before_any_model_loads():
+    from vtrans.pipeline import check_world_size
+
+    cfg = load_config(_compose(["experiment=llama2_7b_50_faster", "optim.batch_size=8"]))
+    with pytest.raises(ValueError, match=r"optim.batch_size=8 cannot be split over 32 ranks.*multiple of 32"):
+        check_world_size(cfg, 32)
+    plain = load_config(_compose(["optim.steps=3"]))
+    with pytest.raises(ValueError, match=r"runs as 2 processes but deepspeed.enabled=false"):
+        check_world_size(plain, 2)
 
 
 def test_experiment_values_yield_to_the_command_line():

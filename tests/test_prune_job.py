@@ -193,9 +193,9 @@ def test_warm_started_fast_vtrans_scores_on_its_own_training_data(tiny_llama_dir
     seen = []
     real = pipeline.score_masks
 
-    def recording(mm, method, batches, seed=0):
+    def recording(mm, method, batches, seed=0, procs=None):
         seen.append((method, [b["input_ids"].clone() for b in batches]))
-        return real(mm, method, batches, seed=seed)
+        return real(mm, method, batches, seed=seed, procs=procs)
 
     monkeypatch.setattr(pipeline, "score_masks", recording)
     cfg = _cfg(tiny_llama_dir, tmp_path, source=str(text_file), mask__variant="fast",

@@ -259,4 +259,60 @@ def test_two_rank_zero_resume_equals_uninterrupted(tmp_path):
                                            msg=lambda m: f"rank {rank} ZeRO-{stage} {name}: {m}")
     ckpts = sorted(p.name for p in (tmp_path / "zero3-b").iterdir())
     assert ckpts == ["latest", "step-00000004", "step-00000006"]
-    assert (tmp_path / "zero3-b" / "step-00000006" / "deepspeed").is_dir()  # DeepSpeed's own format
+    # masks only: nothing of DeepSpeed's to save (the frozen weights come from the model), the whole replicated part
+    assert (tmp_path / "zero3-b" / "step-00000006" / "replicated.pt").is_file()
+    assert not (tmp_path / "zero3-b" / "step-00000006" / "deepspeed").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# another number of ranks
+
+
+def _zero3_run(rank: int, root: str, teacher: bool, stop_at: int | None, steps: int = STEPS) -> dict:
+    """ZeRO-3 on this many ranks, checkpointed every step in `root` (stopped after `stop_at` steps if given): the
+    masks and the first trained weight (gathered whole) where it ends."""
+    import deepspeed
+
+    from vtrans.engine import DeepSpeedEngine
+
+    mm, module, groups = build(teacher=teacher)  # quiet VIB noise: any number of ranks computes the same steps
+    engine = DeepSpeedEngine(module, groups, stage=3, grad_accum=2, seed=0)
+    stopped = False
+    try:
+        train(engine, steps=steps, checkpointer=Checkpointer(root, every=1),
+              on_log=_stop_at(stop_at) if stop_at else None)
+    except Preempted:
+        stopped = True
+    weight = None
+    if teacher:
+        p = next(p for p in module.model.parameters() if p.requires_grad)
+        with deepspeed.zero.GatheredParameters([p]):
+            weight = p.data.detach().clone().float()
+    return {"stopped": stopped, "masks": mask_state(module), "weight": weight}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("teacher", [False, True], ids=["faster", "vtrans"])
+def test_a_two_rank_checkpoint_resumes_on_one_rank(tmp_path, teacher):
+    """Saved by 2 ZeRO-3 ranks, resumed by 1: masks, multipliers and their optimizer state are whole in the
+    checkpoint and resume exactly; trained weights are read whole from the shards (their Adam moments restart)."""
+    import shutil
+
+    root = tmp_path / "ckpt"
+    stopped = spawn(_zero3_run, tmp_path / "two", str(root), teacher, STOP_AT)
+    assert all(r["stopped"] for r in stopped)
+    shutil.copytree(root, tmp_path / "ckpt2")
+    # resumed on 1 rank with nothing left to train: exactly the state the 2 ranks saved
+    loaded = spawn(_zero3_run, tmp_path / "load", str(root), teacher, None, STOP_AT, world=1)[0]
+    for name, value in stopped[0]["masks"].items():
+        torch.testing.assert_close(loaded["masks"][name], value, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    if teacher:
+        torch.testing.assert_close(loaded["weight"], stopped[0]["weight"], rtol=0, atol=0)
+        return
+    # masks only: resumed to the end, the masks of one uninterrupted process
+    resumed = spawn(_zero3_run, tmp_path / "one", str(tmp_path / "ckpt2"), teacher, None, world=1)[0]
+    mm, module, groups = build(teacher=teacher)
+    train(Engine(module, groups, grad_accum=2, seed=0), steps=STEPS)
+    for name, value in mask_state(module).items():
+        torch.testing.assert_close(resumed["masks"][name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -189,7 +189,7 @@ def test_job_files_compose_and_validate(path, tmp_path):
     job = submit_py.load_job(path)
     assert job["seeds"] and job["template"] == TEMPLATE
     for seed in job["seeds"]:
-        submit_py.validate(submit_py.launch_overrides(job, seed, tmp_path / f"seed{seed}"))
+        submit_py.validate(submit_py.launch_overrides(job, seed, tmp_path / f"seed{seed}"), submit_py.world_size(job))
     cmd = submit_py.sbatch_command(path.stem, job, job["seeds"][0], tmp_path / "seed0")
     assert cmd[0] == "sbatch" and f"output_dir={tmp_path / 'seed0'}" in cmd and cmd[-1].startswith("hydra.run.dir=")
 

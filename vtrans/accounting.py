@@ -33,7 +33,7 @@ def layer_params(s: ModelShape, l: LayerShape):
     n_in = 2 if s.gated_mlp else 1
     qkv = d * H * dh + 2 * d * K * dh + s.qkv_bias * (H * dh + 2 * K * dh)
     o = H * dh * d
-    ffn = n_in * d * I + s.mlp_bias * n_in * I + I * d
+    ffn = (n_in + 1) * d * I + s.mlp_bias * n_in * I
     norm = s.norm_params * d
     if s.post_norm:  # a removed sub-block takes its projections, output bias and norm with it
         return (_present(H) * (qkv + o + s.o_bias * d + norm)
@@ -107,5 +107,5 @@ def model_numel(model: torch.nn.Module, embeddings: bool = True) -> int:
         if id(p) in seen or id(p) in emb:
             continue
         seen.add(id(p))
-        n += p.numel()
+        n += getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 shard knows its full size
     return n

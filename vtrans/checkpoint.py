@@ -232,14 +232,15 @@ class Checkpointer:
                                   "checkpoint.resume=false; set checkpoint.resume=true to continue it, or choose "
                                   "another checkpoint.dir / output_dir")
         state = TrainState(**json.loads((path / STATE_FILE).read_text()))
-        if state.world_size != engine.world_size and state.engine == "DeepSpeedEngine":
-            raise RuntimeError(f"checkpoint {path} was written by {state.world_size} ranks; DeepSpeed's ZeRO shards "
-                               f"load only into the same number of ranks (now {engine.world_size})")
+        if state.engine != type(engine).__name__:
+            raise RuntimeError(f"checkpoint {path} was written by a {state.engine} (deepspeed.enabled="
+                               f"{state.engine == 'DeepSpeedEngine'}); this run uses a {type(engine).__name__}: resume "
+                               "with the same deepspeed.enabled, or start in another checkpoint.dir / output_dir")
         if engine.is_main:  # checkpoints past the one resumed from belong to a run whose pointer never reached them
             for later in self.complete():
                 if int(_STEP_DIR.match(later.name).group(1)) > state.step:
                     _remove(later)
-        engine.load_state(path)
+        engine.load_state(path, state.world_size)  # a DeepSpeed engine also reads checkpoints of another world size
         rng = path / f"rng-rank{engine.rank:05d}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from .shape import STRUCTURES
 
 JOBS = ("prune", "finetune", "evaluate", "export", "probe")
+DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
 DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("vtrans", "fast", "faster")
@@ -81,6 +82,12 @@ class DataConfig:
     context_field: str = "context"  # the passage column
     answers_field: str = "answers"  # {"text": [...], "answer_start": [...]} per example
     title_field: str = "title"  # the article a passage belongs to (optional): a held-out split keeps articles whole
+    train_tokens: int = 0  # causal LMs: training tokens to tokenise and use (0 = all); with streaming, what is read
+    streaming: bool = False  # read an hf: source as a stream (nothing downloaded beyond train_tokens); needs
+    #                          data.eval_source for the evaluation text
+    cache: bool = True  # causal LMs: token blocks are tokenised once (by one process) and kept on disk, memory-mapped
+    #                     by every process and every later job with the same data, tokenizer and split
+    cache_dir: str = ""  # "" = $VTRANS_CACHE, else ~/.cache/vtrans (blocks under its tokens/ folder)
 
     def __post_init__(self):
         if not 0 < self.heldout_fraction < 1:
@@ -105,9 +112,18 @@ class DataConfig:
         if self.folds and self.eval_source:
             raise ValueError(f"data.folds={self.folds} splits data.source into folds, but data.eval_source="
                              f"{self.eval_source!r} is set; use one or the other")
-        for name in ("max_train_blocks", "max_eval_blocks", "eval_window", "eval_stride"):
+        for name in ("max_train_blocks", "max_eval_blocks", "eval_window", "eval_stride", "train_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 0")
+        if self.train_tokens and self.train_tokens < self.seq_len:
+            raise ValueError(f"data.train_tokens={self.train_tokens} is less than one block of data.seq_len="
+                             f"{self.seq_len}; use 0 (all) or at least {self.seq_len}")
+        if self.streaming and not self.source.startswith("hf:"):
+            raise ValueError(f"data.streaming=true reads a hub dataset as a stream, but data.source={self.source!r} is "
+                             "not an hf:<dataset>[:<config>]:<split> source; set data.streaming=false")
+        if self.streaming and not self.eval_source:
+            raise ValueError("data.streaming=true cannot hold documents out of a stream: set data.eval_source (e.g. "
+                             "hf:Salesforce/wikitext:wikitext-2-raw-v1:test)")
 
 
 @dataclass
@@ -188,6 +204,9 @@ class OptimConfig:
     clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    bf16_autocast: bool = False  # the plain engine computes in bf16 under torch.autocast (weights and masks stay as
+    #                              loaded); under DeepSpeed use deepspeed.bf16
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (transformers' own)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -285,9 +304,13 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     bf16: bool = False
+    timeout_minutes: float = 120.0  # the process group's timeout: long enough for what one rank does while the others
+    #                                 wait (saving a 7B model, lm-eval); also used without DeepSpeed (split evaluation)
 
     def __post_init__(self):
         _one_of("deepspeed.stage", self.stage, (0, 1, 2, 3))
+        if self.timeout_minutes <= 0:
+            raise ValueError(f"deepspeed.timeout_minutes={self.timeout_minutes} must be > 0")
 
 
 @dataclass
@@ -325,6 +348,7 @@ class Config:
     e.g. `hydra/launcher=submitit_slurm hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8
     hydra.launcher.tasks_per_node=8 hydra.launcher.timeout_min=600` (see README, "Sweeps")."""
     job: str = "prune"  # prune | finetune | evaluate | export | probe
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is present, else cpu | cpu | cuda
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -346,6 +370,15 @@ class Config:
 
     def __post_init__(self):
         _one_of("job", self.job, JOBS)
+        _one_of("device", self.device, DEVICES)
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device=cuda but no CUDA device is available on this machine "
+                                 "(torch.cuda.is_available() is False); use device=auto or device=cpu")
+        if self.optim.bf16_autocast and self.deepspeed.enabled:
+            raise ValueError("optim.bf16_autocast is for the plain engine; under DeepSpeed set deepspeed.bf16=true")
         if self.job in ("finetune", "export") and not self.model_dir:
             raise ValueError(f"job={self.job} needs model_dir: the pruned model directory (a prune job's "
                              "<output_dir>/model)")
@@ -361,6 +394,9 @@ class Config:
             raise ValueError(f"budget.multiple_of={self.budget.multiple_of} does not apply with export_uniform=true "
                              "(the uniform decision sets one width per structure for stock classes); use "
                              "budget.multiple_of=1 or export_uniform=false")
+        if self.data.streaming and self.model.task != "causal_lm":
+            raise ValueError(f"data.streaming=true is for causal LM token blocks; model.task={self.model.task} reads "
+                             "its examples whole: set data.streaming=false")
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
         if self.model.task == "question_answering":

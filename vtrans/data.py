@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -446,6 +448,141 @@ def lm_blocks(
     if max_blocks is not None:
         n = min(n, max_blocks)
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def lm_blocks_streamed(
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Iterable[Document | str],
+    seq_len: int,
+    max_blocks: int | None = None,
+    chunk: int = 1000,
+) -> tuple[torch.Tensor, int]:
+    """`lm_blocks` over an iterable of documents (e.g. a streamed hub split), tokenised `chunk` documents at a time
+    and stopped as soon as `max_blocks` full blocks are there: the corpus is never held whole. Returns (blocks, the
+    number of documents read)."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if sep is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither an EOS nor a SEP token to join documents")
+    stream: list[int] = []
+    pending: list[str] = []
+    n_docs = 0
+
+    def flush() -> None:
+        for ids in tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]:
+            if ids:
+                if stream:
+                    stream.append(sep)
+                stream.extend(ids)
+        pending.clear()
+
+    for doc in docs:
+        pending.append(doc if isinstance(doc, str) else doc.text)
+        n_docs += 1
+        if len(pending) >= chunk:
+            flush()
+            if max_blocks is not None and len(stream) >= max_blocks * seq_len:
+                break
+    flush()
+    n = len(stream) // seq_len
+    if n < 1:
+        raise ValueError(f"{n_docs} documents give {len(stream)} tokens, fewer than one block of seq_len={seq_len}")
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len), n_docs
+
+
+def stream_documents(source: str, text_field: str = "text") -> Iterator[Document]:
+    """Documents of an `hf:<dataset>[:<config>]:<split>` source read as a stream (datasets' streaming mode): nothing
+    is downloaded or prepared beyond what is read."""
+    match = _HF_SOURCE.match(source[len("hf:"):]) if source.startswith("hf:") else None
+    if match is None:
+        raise ValueError(f"data.streaming=true needs an hf:<dataset>[:<config>]:<split> source, got {source!r}")
+    import datasets
+
+    ds = datasets.load_dataset(match["name"], match["config"], split=match["split"], streaming=True)
+    for row in ds:
+        if text_field not in row:
+            raise ValueError(f"{source!r} has no text field {text_field!r}; fields: {sorted(row)}")
+        if row[text_field]:
+            yield Document(_as_text(row[text_field], source))
+
+
+class TokenCache:
+    """Token blocks tokenised once and kept on disk (int64 .npy, memory-mapped when read): built by one process, read
+    by all, by every later job with the same data, tokenizer and split. Each entry is a folder named by the key
+    (`key`: a hash of everything that decides the blocks) holding <part>.npy files and meta.json."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    @staticmethod
+    def key(fields: dict) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def load(self, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """({part: LongTensor [N, T] backed by the memory-mapped file}, meta) or None when not cached."""
+        import numpy as np
+
+        entry = self.root / key
+        if not (entry / "meta.json").is_file():
+            return None
+        meta = json.loads((entry / "meta.json").read_text())
+        parts = {}
+        for part in meta["parts"]:
+            array = np.load(entry / f"{part}.npy", mmap_mode="r")
+            with warnings.catch_warnings():  # a read-only mapping: blocks are only ever read
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                parts[part] = torch.from_numpy(array)
+        return parts, meta
+
+    def save(self, key: str, parts: dict[str, torch.Tensor], meta: dict) -> None:
+        """Written to a temporary folder, then renamed: a reader never sees half an entry."""
+        import shutil
+
+        import numpy as np
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry, tmp = self.root / key, self.root / f".tmp-{key}-{os.getpid()}"
+        if entry.exists():
+            return
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for part, blocks in parts.items():
+            np.save(tmp / f"{part}.npy", blocks.numpy().astype(np.int64))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "parts": sorted(parts)}, indent=2))
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process won the race: its entry is the same
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    """$VTRANS_CACHE, else ~/.cache/vtrans: token blocks go to its tokens/ folder."""
+    return Path(os.environ.get("VTRANS_CACHE") or Path.home() / ".cache" / "vtrans")
+
+
+def source_identity(source: str) -> dict:
+    """What identifies a source's content for the cache: a local file's path, size and modification time; otherwise
+    the source string itself (a gensim file or hub split name)."""
+    if not source:
+        return {}
+    if source.startswith("gensim:"):
+        try:
+            from gensim.test.utils import datapath
+
+            path = Path(datapath(source[len("gensim:"):]))
+        except ImportError:
+            return {"source": source}
+    elif source.startswith("hf:"):
+        return {"source": source}
+    else:
+        path = Path(source).expanduser()
+    if not path.is_file():
+        return {"source": source}
+    st = path.stat()
+    return {"source": source, "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Runs optimisation of a module that returns (loss, stats): gradient accumulation, clipping, separate learning rates
-per parameter group, on one process (`Engine`) or on many with DeepSpeed ZeRO 0-3 (`DeepSpeedEngine`); and the
-training loop `fit`, which checkpoints and resumes. The only module allowed to import the distributed stack."""
+"""This job's processes and devices (`Processes`: rank, world size, device, and the collectives every job uses, on that
+device so NCCL accepts them), and the optimisation of a module that returns (loss, stats): gradient accumulation,
+clipping, separate learning rates per parameter group, on one process (`Engine`, bf16 autocast optional) or on many
+with DeepSpeed ZeRO 0-3 (`DeepSpeedEngine`); and the training loop `fit`, which checkpoints and resumes. The only
+module allowed to import the distributed stack."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -18,6 +21,7 @@ from .cluster import dist_env, export_dist_env
 
 log = logging.getLogger("vtrans")
 DEFAULT_WEIGHT_DECAY = 0.01  # torch AdamW's default, for groups that set none
+REPLICATED_FILE = "replicated.pt"  # a DeepSpeed checkpoint's whole part: masks, multipliers and their optimizer
 
 
 def _strip_names(groups: list[dict]) -> tuple[list[str], list[dict]]:
@@ -31,21 +35,147 @@ def _rows(batch) -> int:
     return t.shape[0]
 
 
-class Engine:
-    """Single-process engine (plain PyTorch AdamW)."""
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    rank, world_size = 0, 1
+
+# ---------------------------------------------------------------------------------------------------------------
+# processes and devices
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: cuda:<local rank> when CUDA is present, else the CPU; cuda: the same GPU, an error without CUDA."""
+    if spec not in DEVICES:
+        raise ValueError(f"device={spec!r} is not accepted; choose one of {list(DEVICES)}")
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is available (torch.cuda.is_available() is False); "
+                           "use device=auto or device=cpu")
+    if spec == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+class Processes:
+    """The processes of this job and its device: rank, world size, and the collectives the jobs use (evaluation split
+    over the ranks, the decisions every rank must agree on). Tensors are reduced on `device` (NCCL takes no CPU
+    tensors); with one process every collective is the identity."""
+
+    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.device, self.rank, self.world_size = device, rank, world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous share of n items (the first ranks take one more when n does not divide)."""
+        per, extra = divmod(n, self.world_size)
+        start = self.rank * per + min(self.rank, extra)
+        return range(start, start + per + (self.rank < extra))
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of `t` over the ranks (a new tensor on t's device)."""
+        if not self.distributed:
+            return t
+        x = t.detach().to(self.device, copy=True)
+        torch.distributed.all_reduce(x)
+        return x.to(t.device)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.distributed or not values:
+            return dict(values)
+        keys = sorted(values)
+        total = self.sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device))
+        return dict(zip(keys, (total / self.world_size).tolist()))
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true when it is true on some rank (so that every rank takes the same branch)."""
+        if not self.distributed:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(x) for x in t.tolist())
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj, src: int = 0):
+        """Rank `src`'s value of `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+_PROCESSES: Processes | None = None
+
+
+def processes(device: str = "auto", timeout_minutes: float = 120.0) -> Processes:
+    """This job's Processes (made once): the device (see `resolve_device`) and, when several processes run (torchrun,
+    the DeepSpeed launcher, srun), the process group: NCCL on GPUs, gloo on CPUs, with a `timeout_minutes` long enough
+    for work that one rank does while the others wait (saving, lm-eval)."""
+    global _PROCESSES
+    env = dist_env()
+    if _PROCESSES is not None and _PROCESSES.world_size == env.world_size and _PROCESSES.rank == env.rank:
+        return _PROCESSES
+    dev = resolve_device(device, env.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if env.world_size > 1 and not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # not started by launch.py / torchrun: derive (srun)
+            export_dist_env(env)
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=timeout_minutes))
+    _PROCESSES = Processes(dev, env.rank, env.world_size)
+    return _PROCESSES
+
+
+class Engine:
+    """Single-process engine (plain PyTorch AdamW) on the module's device, with optional bf16 autocast."""
 
     def __init__(self, module: nn.Module, param_groups: list[dict], grad_accum: int = 1, clip: float = 1.0,
-                 weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None):
+                 weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None, bf16_autocast: bool = False,
+                 procs: Processes | None = None):
         self.module = module
         self.names, groups = _strip_names(param_groups)
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
         self.grad_accum, self.clip = grad_accum, clip
-        self.params = [p for g in groups for p in g["params"]]
+        # gradients are clipped per side, as a DeepSpeed engine does: the replicated tensors (masks, multipliers) by
+        # their own norm, the rest (weights, the distillation map) by theirs
+        kept = [g for g in param_groups if g["params"]]
+        self.replicated = [p for g in kept if g.get("replicated") for p in g["params"]]
+        self.params = [p for g in kept if not g.get("replicated") for p in g["params"]]
         self.device = next(module.parameters()).device
+        self.procs = procs or Processes(self.device)
+        self.autocast = bf16_autocast
         if seed is not None:
             torch.manual_seed(seed)
+
+    @property
+    def rank(self) -> int:
+        return self.procs.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.procs.world_size
 
     @property
     def is_main(self) -> bool:
@@ -54,18 +184,22 @@ class Engine:
     def learning_rates(self) -> dict[str, float]:
         return {f"lr/{n}": g["lr"] for n, g in zip(self.names, self.optimizer.param_groups)}
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
     def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         self.module.train()
         totals: dict[str, float] = {}
         for batch in micro_batches:
-            loss, stats = self.module(batch, step)
+            with self._autocast():
+                loss, stats = self.module(to_device(batch, self.device), step)
             (loss / len(micro_batches)).backward()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
-        if self.clip > 0:
-            # masks and multipliers are clipped with the weights; the multipliers' reversed gradient is exact
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-            totals["grad_norm"] = float(norm)
+        if self.clip > 0:  # the multipliers' reversed gradient is clipped like any other
+            norms = [float(torch.nn.utils.clip_grad_norm_(side, self.clip))
+                     for side in (self.params, self.replicated) if side]
+            totals["grad_norm"] = math.sqrt(sum(n * n for n in norms))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
@@ -76,31 +210,150 @@ class Engine:
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                    Path(path) / "engine.pt")
 
-    def load_state(self, path: Path) -> None:
+    def load_state(self, path: Path, world_size: int | None = None) -> None:
         state = torch.load(Path(path) / "engine.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def any_rank(self, *flags: bool) -> tuple[bool, ...]:
         """Each flag, true when it is true on some rank (so that every rank takes the same branch)."""
-        return tuple(bool(f) for f in flags)
+        return self.procs.any(*flags)
 
     def broadcast_object(self, obj):
         """Rank 0's value of `obj` on every rank."""
-        return obj
+        return self.procs.broadcast(obj)
 
     def barrier(self) -> None:
-        pass
+        self.procs.barrier()
 
     def gathered(self, params=None):
         """A context in which `params` hold their full values (they always do on one process)."""
         return contextlib.nullcontext()
 
+    def release_parameters(self) -> None:
+        """Partition again what a forward left gathered (nothing is partitioned on one process)."""
+
     def consolidate(self) -> None:
         """After training: leave `module` a plain module holding its full trained parameters (a no-op here)."""
 
+    def release(self) -> None:
+        """Free the optimizer state (after training, before materialising)."""
+        self.optimizer.state.clear()
+
     def close(self) -> None:
         pass
+
+
+def deepspeed_config(stage: int, bf16: bool = False, offload_optimizer: bool = False, offload_params: bool = False,
+                     grad_accum: int = 1, clip: float = 1.0, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> dict:
+    """The DeepSpeed config vtrans runs with (the engine's, and zero.Init's when models are built sharded)."""
+    zero: dict = {"stage": stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # the real size is whatever train_step is given
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
+        "steps_per_print": 2 ** 31,
+        "wall_clock_breakdown": False,
+    }
+    if offload_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8,
+                                                           "weight_decay": weight_decay}}
+    return config
+
+
+class ShardedBuild:
+    """Building and filling models that no rank holds whole (ZeRO-3): `init()` is DeepSpeed's zero.Init (modules built
+    inside get their parameters partitioned over the ranks as they are created), `write(params)` gathers parameters
+    whole for rank 0 to write into and partitions them again on exit. vtrans.models.load streams a checkpoint through
+    it one tensor at a time."""
+
+    def __init__(self, cfg, procs: Processes):
+        import deepspeed
+
+        ds = cfg.deepspeed
+        self.procs, self.is_main = procs, procs.is_main
+        if "RANK" not in os.environ:
+            export_dist_env(dist_env())
+        deepspeed.init_distributed(dist_backend="nccl" if procs.device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(minutes=ds.timeout_minutes))
+        self.config = deepspeed_config(3, ds.bf16, ds.offload_optimizer, ds.offload_params, cfg.optim.grad_accum,
+                                       cfg.optim.clip, cfg.optim.weight_decay)
+        loaded = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+        self.dtype = torch.bfloat16 if ds.bf16 else loaded
+
+    @contextlib.contextmanager
+    def init(self):
+        """Models built inside are partitioned as they are created, without a random initialisation (their values
+        come from a checkpoint next, see `write`; `init_random` for benchmarks) and with rotary frequencies kept in
+        float32 (transformers' own guards for zero.Init, where this version has them)."""
+        import deepspeed
+
+        with contextlib.ExitStack() as stack:
+            try:  # transformers >= 5: skip weight init, keep torch.arange's dtype (rotary buffers)
+                from transformers.initialization import no_init_weights
+                from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+                stack.enter_context(no_init_weights())
+                stack.enter_context(prevent_arange_dtype_change())
+            except ImportError:
+                pass
+            stack.enter_context(deepspeed.zero.Init(config_dict_or_path=self.config, dtype=self.dtype))
+            yield
+
+    @torch.no_grad()
+    def init_random(self, model: nn.Module, std: float = 0.02) -> None:
+        """Random weights for a model built inside `init` (benchmarks): normal(0, std) matrices, unit norms."""
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                with self.write([p]):
+                    if self.is_main:
+                        if p.dim() > 1:
+                            p.data.normal_(0.0, std)
+                        else:
+                            p.data.fill_(1.0 if "norm" in type(module).__name__.lower() or name == "weight" else 0.0)
+
+    def write(self, params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+    def read(self, params):
+        """Parameters whole on every rank inside the block, read-only (materialising)."""
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+    def broadcast(self, obj):
+        return self.procs.broadcast(obj)
+
+    def barrier(self) -> None:
+        self.procs.barrier()
+
+    def forward_hooks(self, model: nn.Module):
+        """Put ZeRO-3's hooks on `model` (an optimizer-less engine), so that calling it gathers each layer's
+        parameters for its forward (one-shot scoring of a sharded model). Returns a handle to keep while the model
+        runs; its `release()` partitions again what a backward left gathered."""
+        import deepspeed
+
+        conf = {k: v for k, v in self.config.items() if k not in ("optimizer", "gradient_clipping")}
+        conf["zero_optimization"] = {k: v for k, v in conf["zero_optimization"].items() if k != "offload_optimizer"}
+        ds = deepspeed.initialize(model=model, config=conf)[0]
+
+        class Hooks:
+            engine = ds
+
+            @staticmethod
+            def release() -> None:
+                ds.optimizer.partition_all_parameters()
+
+        return Hooks()
 
 
 class DeepSpeedEngine(Engine):
@@ -114,22 +367,20 @@ class DeepSpeedEngine(Engine):
     def __init__(self, module: nn.Module, param_groups: list[dict], *, stage: int = 0, bf16: bool = False,
                  offload_optimizer: bool = False, offload_params: bool = False, grad_accum: int = 1,
                  clip: float = 1.0, weight_decay: float = DEFAULT_WEIGHT_DECAY, seed: int | None = None,
-                 teacher: nn.Module | None = None, overrides: dict | None = None):
+                 teacher: nn.Module | None = None, overrides: dict | None = None, procs: Processes | None = None,
+                 timeout_minutes: float = 120.0):
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        if not torch.distributed.is_initialized():
-            if "RANK" not in os.environ:  # not started by launch.py / torchrun: derive (srun) or run alone
-                export_dist_env(dist_env())
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if offload_params and stage != 3:
             raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3 (deepspeed.stage={stage})")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count())
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
+        self.procs = procs or processes(timeout_minutes=timeout_minutes)
+        if "RANK" not in os.environ:  # alone, or not started by launch.py / torchrun: derive (srun)
+            export_dist_env(dist_env())
+        deepspeed.init_distributed(dist_backend="nccl" if self.procs.device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        self.device = self.procs.device
+        self.autocast = False  # DeepSpeed casts the module itself (deepspeed.bf16)
         self.module, self.grad_accum, self.clip, self.stage, self.bf16 = module, grad_accum, clip, stage, bf16
         self.dtype = next(module.parameters()).dtype  # restored by consolidate()
         if seed is not None:  # independent VIB noise on every rank
@@ -141,8 +392,8 @@ class DeepSpeedEngine(Engine):
         self.replicated_names, replicated = _strip_names(replicated)
         for g in groups + replicated:
             g.setdefault("weight_decay", weight_decay)
-        self.config = _deep_merge(self._config(stage, bf16, offload_optimizer, offload_params, grad_accum, clip,
-                                               weight_decay), overrides or {})
+        self.config = _deep_merge(deepspeed_config(stage, bf16, offload_optimizer, offload_params, grad_accum, clip,
+                                                   weight_decay), overrides or {})
         module.to(self.device)  # the replicated tensors follow the module (see PruningModule)
         self.replicated = [p for g in replicated for p in g["params"]]
         self.replicated_optimizer = torch.optim.AdamW(replicated, betas=(0.9, 0.999), eps=1e-8,
@@ -150,11 +401,16 @@ class DeepSpeedEngine(Engine):
         optimizer = None
         if groups and not offload_optimizer:  # DeepSpeed's CPU Adam is needed (and compiled) only for offloading
             optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
-        if not groups:  # nothing for DeepSpeed to optimise (e.g. Faster-VTrans): it only shards the frozen model
-            self.config.pop("optimizer", None)
+        if not groups:  # nothing for DeepSpeed to optimise (e.g. Faster-VTrans): ZeRO-3 only shards the frozen model,
+            self.config.pop("optimizer", None)  # and ZeRO-1/2 (which partition optimizer states) have nothing to do
             self.config["zero_optimization"].pop("offload_optimizer", None)
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                             model_parameters=groups or None, config=self.config)
+            if stage in (1, 2):
+                self.config["zero_optimization"]["stage"] = 0
+        self.ds, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                           model_parameters=groups or None, config=self.config)
+        # DeepSpeed's optimizer over its groups; None when it trains nothing (it may still hold a parameter offloader)
+        self.optimizer = ds_optimizer if groups else None
+        self._offload = ds_optimizer if not groups else getattr(ds_optimizer, "parameter_offload", None)
         self.params = [p for g in groups for p in g["params"]]
         self.teacher = teacher if teacher is not None else _separate_teacher(module)
         self.teacher_engine = None
@@ -167,27 +423,6 @@ class DeepSpeedEngine(Engine):
                 self.teacher_engine = deepspeed.initialize(model=self.teacher, config=tconf)[0]
             else:
                 self.teacher.to(device=self.device, dtype=torch.bfloat16 if bf16 else None)
-
-    def _config(self, stage, bf16, offload_optimizer, offload_params, grad_accum, clip, weight_decay) -> dict:
-        zero: dict = {"stage": stage}
-        if offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        if offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        config = {
-            "train_micro_batch_size_per_gpu": 1,  # the real size is whatever train_step is given
-            "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": clip,
-            "zero_optimization": zero,
-            "bf16": {"enabled": bf16},
-            "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
-            "steps_per_print": 2 ** 31,
-            "wall_clock_breakdown": False,
-        }
-        if offload_optimizer:
-            config["optimizer"] = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8,
-                                                               "weight_decay": weight_decay}}
-        return config
 
     def learning_rates(self) -> dict[str, float]:
         rates = {}
@@ -217,28 +452,31 @@ class DeepSpeedEngine(Engine):
         self.ds.train()
         totals: dict[str, float] = {}
         for batch in micro_batches:
-            loss, stats = self.ds(self.local_slice(batch), step)
             if self.optimizer is not None:
+                loss, stats = self.ds(self.local_slice(batch), step)
                 self.ds.backward(loss)  # scaled by 1 / grad_accum; gradients averaged over ranks
                 self.ds.step()  # an optimizer step at the accumulation boundary only
-            else:  # a frozen, sharded model: only the replicated tensors learn
+            else:  # frozen weights (sharded under ZeRO-3 by the hooks DeepSpeed put on every layer): only the
+                loss, stats = self.module(self.local_slice(batch), step)  # replicated tensors learn
                 (loss / len(micro_batches)).backward()
+                self.release_parameters()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro_batches)
         if self.replicated_optimizer is not None:
             totals.update(self._step_replicated())
-        totals = self._mean_over_ranks(totals)  # every rank logs (and tests for divergence) the global values
-        norm = self.ds.get_global_grad_norm() if self.optimizer is not None else None
-        if self.clip > 0 and norm is not None:
-            totals["grad_norm"] = float(norm)
+        totals = self.procs.mean(totals)  # every rank logs (and tests for divergence) the global values
+        if self.clip > 0:
+            norm = self.ds.get_global_grad_norm() if self.optimizer is not None else None
+            replicated = totals.pop("grad_norm_replicated", None)
+            parts = [float(x) for x in (norm, replicated) if x is not None]
+            if parts:
+                totals["grad_norm"] = math.sqrt(sum(x * x for x in parts))
         return totals
 
     def _step_replicated(self) -> dict[str, float]:
         """Average the replicated gradients over the ranks, clip them, step their optimizer."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world_size
+        flat = self.procs.sum(torch.cat([g.reshape(-1) for g in grads])) / self.world_size
         offset = 0
         for p, g in zip(self.replicated, grads):
             p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
@@ -250,41 +488,80 @@ class DeepSpeedEngine(Engine):
         self.replicated_optimizer.zero_grad(set_to_none=True)
         return stats
 
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return dict(zip(keys, (t / self.world_size).tolist()))
-
     def save_state(self, path: Path) -> None:
-        """DeepSpeed's own checkpoint (module with its masks and multipliers, optimizer shards) and, from rank 0, the
-        replicated optimizer's state; a collective call."""
-        self.ds.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
-        if self.replicated_optimizer is not None and self.is_main:
-            torch.save(self.replicated_optimizer.state_dict(), Path(path) / "replicated_optimizer.pt")
+        """A collective call. From rank 0, `replicated.pt`: the replicated tensors (masks, multipliers) and their
+        optimizer's state, whole: it loads on any number of ranks. When DeepSpeed trains tensors of its own (weights,
+        the layer-distillation map), also DeepSpeed's checkpoint (their shards and optimizer states)."""
+        if self.is_main:
+            torch.save({"extra": self.module.get_extra_state() if hasattr(self.module, "get_extra_state") else None,
+                        "optimizer": self.replicated_optimizer.state_dict() if self.replicated_optimizer else None},
+                       Path(path) / REPLICATED_FILE)
+        if self.optimizer is not None:
+            self.ds.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
 
-    def load_state(self, path: Path) -> None:
-        load_path, _ = self.ds.load_checkpoint(str(path), tag="deepspeed",
-                                               load_optimizer_states=self.optimizer is not None,
-                                               load_lr_scheduler_states=self.optimizer is not None)
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
-        if self.replicated_optimizer is not None:
-            state = torch.load(Path(path) / "replicated_optimizer.pt", map_location=self.device, weights_only=True)
-            self.replicated_optimizer.load_state_dict(state)
+    def load_state(self, path: Path, world_size: int | None = None) -> None:
+        """Load a checkpoint written by `world_size` ranks (default: this many). The replicated part loads on any
+        number; DeepSpeed's shards only into as many ranks as wrote them: on another number the trained weights are
+        read whole from the shards (their optimizer moments restart, with a warning)."""
+        state = torch.load(Path(path) / REPLICATED_FILE, map_location=self.device, weights_only=False)
+        if state["extra"] is not None:
+            self.module.set_extra_state(state["extra"])
+        if self.replicated_optimizer is not None and state["optimizer"] is not None:
+            self.replicated_optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is None:
+            return
+        if world_size in (None, self.world_size):
+            load_path, _ = self.ds.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+            if load_path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+            return
+        self._load_weights_from_shards(Path(path), world_size)
 
-    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
-        t = torch.tensor([float(bool(f)) for f in flags])
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return tuple(bool(x) for x in t.tolist())
+    def _load_weights_from_shards(self, path: Path, world_size: int) -> None:
+        import deepspeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    def broadcast_object(self, obj):
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+        if self.is_main:
+            log.warning("checkpoint %s was written by %d ranks, this run has %d: the trained weights are read whole "
+                        "from its shards; their optimizer moments restart (masks and multipliers resume exactly)",
+                        path, world_size, self.world_size)
+        full = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
+        params = dict(self.module.named_parameters())
+        for name, value in full.items():
+            p = params.get(name)
+            if p is None or not p.requires_grad:
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.stage == 3), torch.no_grad():
+                if self.is_main or self.stage != 3:
+                    p.data.copy_(value.to(p.dtype).view_as(p.data))
+        if hasattr(self.optimizer, "refresh_fp32_params"):  # ZeRO-3: fp32 masters from the new weights
+            self.optimizer.refresh_fp32_params()
+        elif hasattr(self.optimizer, "_restore_from_bit16_weights"):  # ZeRO-1/2
+            self.optimizer._restore_from_bit16_weights()
 
-    def barrier(self) -> None:
-        torch.distributed.barrier()
+    def state_on_main(self, model: nn.Module) -> dict | None:
+        """`model`'s parameters and persistent buffers as whole CPU tensors on rank 0 (None elsewhere), gathered one
+        tensor at a time: no rank holds more than one whole tensor beyond what it had."""
+        import deepspeed
+
+        state = {} if self.is_main else None
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=self.stage == 3):
+                if self.is_main:
+                    state[name] = p.data.detach().to("cpu", copy=True)
+        if self.is_main:  # buffers are whole on every rank
+            for prefix, module in model.named_modules():
+                for name, b in module.named_buffers(recurse=False):
+                    if b is not None and name not in module._non_persistent_buffers_set:
+                        state[f"{prefix}.{name}" if prefix else name] = b.detach().cpu()
+        return state
+
+    def release_parameters(self) -> None:
+        """ZeRO-3: partition again whatever a forward or backward left gathered (layers whose post-backward hook never
+        runs, such as frozen embeddings: DeepSpeed's optimizer does this after its own backward)."""
+        if self.stage == 3 and self._offload is not None:
+            self._offload.partition_all_parameters()
 
     @contextlib.contextmanager
     def gathered(self, params=None):
@@ -323,6 +600,19 @@ class DeepSpeedEngine(Engine):
             self.teacher_engine.destroy()
         self.ds = self.teacher_engine = self.optimizer = None
 
+    def release(self) -> None:
+        """Free the optimizers' moments (after training, before materialising: the model stays sharded)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # a ZeRO wrapper holds the torch optimizer
+        if inner is not None and hasattr(inner, "state"):
+            inner.state.clear()
+        if self.replicated_optimizer is not None:
+            self.replicated_optimizer.state.clear()
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -342,25 +632,21 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def distributed_world_size() -> int:
-    """The number of processes of this job as torch.distributed / the launcher sees it."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def make_engine(module: nn.Module, param_groups: list[dict], cfg) -> Engine:
-    """The engine the config asks for: DeepSpeed when `deepspeed.enabled`, else the single-process engine."""
+def make_engine(module: nn.Module, param_groups: list[dict], cfg, procs: Processes | None = None) -> Engine:
+    """The engine the config asks for: DeepSpeed when `deepspeed.enabled`, else the single-process engine on the
+    job's device (the module is moved there)."""
     ds, oc = cfg.deepspeed, cfg.optim
-    common = dict(grad_accum=oc.grad_accum, clip=oc.clip, weight_decay=oc.weight_decay, seed=oc.seed)
+    procs = procs or processes(cfg.device, ds.timeout_minutes)
+    common = dict(grad_accum=oc.grad_accum, clip=oc.clip, weight_decay=oc.weight_decay, seed=oc.seed, procs=procs)
     if ds.enabled:
         return DeepSpeedEngine(module, param_groups, stage=ds.stage, bf16=ds.bf16,
-                               offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params, **common)
-    world = distributed_world_size()
-    if world > 1:
-        raise ValueError(f"this job runs as {world} processes but deepspeed.enabled=false; choose a DeepSpeed "
-                         "config (e.g. deepspeed=zero2 or deepspeed=zero3) or run a single process")
-    return Engine(module, param_groups, **common)
+                               offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
+                               timeout_minutes=ds.timeout_minutes, **common)
+    if procs.world_size > 1:
+        raise ValueError(f"this job runs as {procs.world_size} processes but deepspeed.enabled=false; choose a "
+                         "DeepSpeed config (e.g. deepspeed=zero2 or deepspeed=zero3) or run a single process")
+    module.to(procs.device)
+    return Engine(module, param_groups, bf16_autocast=oc.bf16_autocast, **common)
 
 
 # ---------------------------------------------------------------------------------------------------------------

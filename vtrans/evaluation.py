@@ -33,6 +33,8 @@ def perplexity(
     batch_size: int = 8,
     window: int | None = None,
     stride: int | None = None,
+    procs=None,
+    lockstep: bool = False,
 ) -> dict:
     """Token-level perplexity of a causal LM on held-out token blocks ([N, T] LongTensor).
 
@@ -41,6 +43,9 @@ def perplexity(
     stream of L tokens; windows of up to `window` tokens start every `stride` tokens (default window // 2,
     1 <= stride < window) and each scores only tokens not yet scored, so tokens 1..L-1 are each scored
     exactly once, with at least window - stride and at most window - 1 tokens of context.
+
+    With `procs` (several processes, see `rank_share`) each rank scores its share of the batches and the sums are
+    reduced: the same numbers as one process.
 
     Returns dict(ppl, nll (mean per token, nats), tokens, window, stride, protocol).
     """
@@ -62,7 +67,7 @@ def perplexity(
         _check_context(model, window)
         spans = list(_sliding_windows(blocks.reshape(-1), window, stride))
         protocol = "sliding_window"
-    nll_sum, tokens = _score_spans(model, spans, batch_size)
+    nll_sum, tokens = _score_spans(model, spans, batch_size, procs, lockstep)
     nll = nll_sum / tokens
     return {
         "ppl": math.exp(nll) if nll < 700 else math.inf,
@@ -105,22 +110,47 @@ def _sliding_windows(stream: torch.Tensor, window: int, stride: int) -> Iterator
 
 
 def _score_spans(
-    model: nn.Module, spans: list[tuple[torch.Tensor, int]], batch_size: int
+    model: nn.Module, spans: list[tuple[torch.Tensor, int]], batch_size: int, procs=None, lockstep: bool = False
 ) -> tuple[float, int]:
-    """Sum of -log p(token | preceding tokens in its span) over each span's tokens from its first index."""
+    """Sum of -log p(token | preceding tokens in its span) over each span's tokens from its first index (this rank's
+    share of the batches, reduced over the ranks)."""
     device = _device(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # nll sum, tokens
     with _eval_mode(model), torch.no_grad():
-        for group in _same_length_batches(spans, batch_size):
+        for group, counted in rank_share(list(_same_length_batches(spans, batch_size)), procs, lockstep):
             ids = torch.stack([s for s, _ in group]).to(device)
             logits = _logits(model, input_ids=ids)
+            if not counted:
+                continue
             for row, (_, first) in enumerate(group):
                 targets = ids[row, first:]
                 predicted = logits[row, first - 1 : -1].float()
-                total += F.cross_entropy(predicted, targets, reduction="sum").double()
-                tokens += targets.numel()
-    return total.item(), tokens
+                total[0] += F.cross_entropy(predicted, targets, reduction="sum").double()
+                total[1] += targets.numel()
+    if procs is not None:
+        total = procs.sum(total)
+    return total[0].item(), int(total[1].item())
+
+
+def rank_share(items: list, procs=None, lockstep: bool = False) -> list[tuple[object, bool]]:
+    """This rank's contiguous share of `items` as (item, counted) pairs. `procs` (vtrans.engine.Processes) says the
+    rank and world size; None: one process, everything. With `lockstep` every rank gets as many items as the largest
+    share, the missing ones as uncounted repeats (a model sharded by ZeRO-3 runs every forward on all ranks)."""
+    if procs is None or procs.world_size == 1:
+        return [(item, True) for item in items]
+    share = [(items[i], True) for i in procs.shard(len(items))]
+    if lockstep and items:
+        longest = -(-len(items) // procs.world_size)
+        share += [(items[0], False)] * (longest - len(share))
+    return share
+
+
+def _gather_rows(parts: list[torch.Tensor], procs) -> torch.Tensor:
+    """This rank's rows concatenated, then every rank's, in rank order (contiguous shares keep the order)."""
+    local = torch.cat(parts) if parts else None
+    if procs is None or procs.world_size == 1:
+        return local
+    return torch.cat([t for t in procs.gather(local) if t is not None])
 
 
 def _same_length_batches(spans: list[tuple[torch.Tensor, int]], batch_size: int) -> Iterator[list]:
@@ -162,23 +192,28 @@ def _logits(model: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- task metrics
 
 
-def predict(model: nn.Module, data: ClassificationData, batch_size: int = 32) -> torch.Tensor:
-    """The model's logits [N, num_labels] on `data`, in order (eval mode, no grad, CPU float32)."""
+def predict(model: nn.Module, data: ClassificationData, batch_size: int = 32, procs=None,
+            lockstep: bool = False) -> torch.Tensor:
+    """The model's logits [N, num_labels] on `data`, in order (eval mode, no grad, CPU float32); with `procs` each
+    rank predicts its share of the batches and every rank gets all the logits."""
     device = _device(model)
     out = []
     with _eval_mode(model), torch.no_grad():
-        for batch in batches(data, batch_size, shuffle=False):
+        for batch, counted in rank_share(list(batches(data, batch_size, shuffle=False)), procs, lockstep):
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            out.append(_logits(model, **inputs).float().cpu())
-    return torch.cat(out)
+            logits = _logits(model, **inputs).float().cpu()
+            if counted:
+                out.append(logits)
+    return _gather_rows(out, procs)
 
 
-def classification_metrics(model: nn.Module, data: ClassificationData, batch_size: int = 32) -> dict:
+def classification_metrics(model: nn.Module, data: ClassificationData, batch_size: int = 32, procs=None,
+                           lockstep: bool = False) -> dict:
     """dict(accuracy, f1, f1_average, matthews_corrcoef, n) of argmax predictions.
 
     F1 is binary (positive class 1) for two classes, macro-averaged over the classes present otherwise.
     """
-    logits = predict(model, data, batch_size)
+    logits = predict(model, data, batch_size, procs, lockstep)
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(
             f"classification needs logits [N, C >= 2], got {tuple(logits.shape)}; use regression_metrics"
@@ -194,9 +229,10 @@ def classification_metrics(model: nn.Module, data: ClassificationData, batch_siz
     }
 
 
-def regression_metrics(model: nn.Module, data: ClassificationData, batch_size: int = 32) -> dict:
+def regression_metrics(model: nn.Module, data: ClassificationData, batch_size: int = 32, procs=None,
+                       lockstep: bool = False) -> dict:
     """dict(pearson, spearman, n) of a single-output regression head (e.g. STS-B)."""
-    logits = predict(model, data, batch_size)
+    logits = predict(model, data, batch_size, procs, lockstep)
     if logits.dim() == 2 and logits.shape[1] == 1:
         logits = logits[:, 0]
     if logits.dim() != 1:
@@ -358,23 +394,25 @@ def squad_predictions(
     return out
 
 
-def qa_logits(model: nn.Module, feats: QAFeatures, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's (start, end) logits [N, T] on every window, in order (eval mode, no grad, CPU float32)."""
+def qa_logits(model: nn.Module, feats: QAFeatures, batch_size: int = 32, procs=None,
+              lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's (start, end) logits [N, T] on every window, in order (eval mode, no grad, CPU float32); with
+    `procs` each rank scores its share of the batches and every rank gets all the logits."""
     device = _device(model)
     starts, ends = [], []
     with _eval_mode(model), torch.no_grad():
-        for batch in batches(feats, batch_size, shuffle=False):
+        for batch, counted in rank_share(list(batches(feats, batch_size, shuffle=False)), procs, lockstep):
             out = model(**{k: v.to(device) for k, v in batch.items() if k in _QA_INPUTS})
-            starts.append(out.start_logits.float().cpu())
-            ends.append(out.end_logits.float().cpu())
-    return torch.cat(starts), torch.cat(ends)
-
+            if counted:
+                starts.append(out.start_logits.float().cpu())
+                ends.append(out.end_logits.float().cpu())
+    return _gather_rows(starts, procs), _gather_rows(ends, procs)
 
 
 def qa_metrics(model: nn.Module, feats: QAFeatures, batch_size: int = 32, n_best: int = 20,
-               max_answer_len: int = 30) -> dict:
+               max_answer_len: int = 30, procs=None, lockstep: bool = False) -> dict:
     """dict(exact_match, f1, n) of a question-answering model's predicted spans (see `squad_predictions`)."""
-    start, end = qa_logits(model, feats, batch_size)
+    start, end = qa_logits(model, feats, batch_size, procs, lockstep)
     return squad_scores(squad_predictions(start, end, feats, n_best, max_answer_len), feats.examples)
 
 

@@ -1,6 +1,6 @@
 """The named stages every job is built from, each a function with explicit inputs and outputs:
 
-    load -> data -> attach -> warm start -> train -> decide -> materialise -> evaluate -> save
+    setup -> load -> data -> attach -> warm start -> train -> decide -> materialise -> evaluate -> save
 
 (`jobs/prune.py` runs them all; finetune, evaluate, export and probe use the ones they need). State that must
 survive a restart lives in the checkpoint (vtrans.checkpoint), not in these functions."""
@@ -57,6 +57,32 @@ def is_main_process() -> bool:
     return dist_env().is_main
 
 
+def check_world_size(cfg: Config, world: int) -> None:
+    """What the number of processes decides, checked before any model loads: several processes train only under
+    DeepSpeed, and every micro-batch is split in equal shares over the ranks (so optim.batch_size, and
+    finetune.batch_size for job=finetune, must divide by the world size; optim.grad_accum micro-batches make a step)."""
+    if world <= 1:
+        return
+    trains = cfg.job == "finetune" or (cfg.job == "prune" and cfg.mask.method == "vib")
+    if trains and not cfg.deepspeed.enabled:
+        raise ValueError(f"this job runs as {world} processes but deepspeed.enabled=false; choose a DeepSpeed config "
+                         "(e.g. deepspeed=zero2 or deepspeed=zero3) or run a single process")
+    key, batch = ("finetune.batch_size", cfg.finetune.batch_size) if cfg.job == "finetune" else \
+        ("optim.batch_size", cfg.optim.batch_size)
+    if trains and batch % world:
+        raise ValueError(f"{key}={batch} cannot be split over {world} ranks (each rank trains on an equal share of "
+                         f"every micro-batch; the global batch is {key} x optim.grad_accum={cfg.optim.grad_accum}); "
+                         f"use a multiple of {world}, e.g. {key}={world * -(-batch // world)}")
+
+
+def setup(cfg: Config):
+    """The setup stage: this job's processes and device (vtrans.engine.Processes): `device` (auto: cuda:<LOCAL_RANK>
+    when CUDA is present), and with several processes the process group (deepspeed.timeout_minutes)."""
+    from .engine import processes
+
+    return processes(cfg.device, cfg.deepspeed.timeout_minutes)
+
+
 # ---------------------------------------------------------------------------------------------------------- load
 
 
@@ -65,11 +91,24 @@ def dir_model_config(cfg: Config, path: str | Path) -> ModelConfig:
     return replace(cfg.model, package="", name_or_path=str(path), subdir="", gguf_file="")
 
 
-def load(model_cfg: ModelConfig, eager: bool = False, config=None):
-    """(model, tokenizer) of a configured model or a saved (pruned) directory, in eval mode."""
-    model, tokenizer = load_model(model_cfg, config)
+def sharding(cfg: Config, procs):
+    """How this job builds its models: sharded (vtrans.engine.ShardedBuild) under ZeRO-3, where no rank may hold the
+    model whole; None otherwise."""
+    if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
+        from .engine import ShardedBuild
+
+        return ShardedBuild(cfg, procs)
+    return None
+
+
+def load(model_cfg: ModelConfig, eager: bool = False, config=None, device=None, sharded=None):
+    """(model, tokenizer) of a configured model or a saved (pruned) directory, in eval mode, on `device`; with
+    `sharded` (see `sharding`) built partitioned over the ranks (its partitions already on the device)."""
+    model, tokenizer = load_model(model_cfg, config, sharded)
     if eager:  # attention weights are only returned by the eager implementation
         model.set_attn_implementation("eager")
+    if device is not None and sharded is None:
+        model.to(device)
     return model.eval(), tokenizer
 
 
@@ -132,7 +171,8 @@ def task_data(cfg: Config, tokenizer, docs: list, training: bool = False):
     """LM token blocks [N, seq_len], ClassificationData, or QA features, for the configured task."""
     dc = cfg.data
     if cfg.model.task == "causal_lm":
-        limit = (dc.max_train_blocks if training else dc.max_eval_blocks) or None
+        train_limit = dc.max_train_blocks or (dc.train_tokens // dc.seq_len)
+        limit = (train_limit if training else dc.max_eval_blocks) or None
         return D.lm_blocks(tokenizer, docs, dc.seq_len, limit)
     if cfg.model.task == "sequence_classification":
         return D.ClassificationData.from_documents(tokenizer, docs, dc.seq_len)
@@ -149,12 +189,68 @@ class Data:
     held_documents: int
 
 
-def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False) -> Data:
+def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None) -> Data:
     """The data stage: the documents every job uses (split before tokenising, so the parts never overlap), tokenised.
 
     With `fast_floor` (Fast-VTrans) training takes FAST_FRACTION of the training documents unless data.train_fraction
     says otherwise, but no fewer documents than give mask.calibration_blocks sequences, the data a one-shot baseline
-    calibrates on: 3 % of a small set (5 of 160 sentences) is too little to rank units on, let alone train weights."""
+    calibrates on: 3 % of a small set (5 of 160 sentences) is too little to rank units on, let alone train weights.
+
+    Causal-LM blocks are tokenised once (data.cache): rank 0 builds them into the token cache, every rank (and every
+    later job with the same data, tokenizer and split) memory-maps them; `data.streaming` reads an hf: source as a
+    stream up to data.train_tokens."""
+    if cfg.model.task != "causal_lm" or not cfg.data.cache:
+        return _tokenised(cfg, tokenizer, fast_floor)
+    cache = D.TokenCache(Path(cfg.data.cache_dir or D.default_cache_dir()) / "tokens")
+    key = cache.key(token_cache_fields(cfg, tokenizer, fast_floor))
+    hit = cache.load(key)
+    if hit is None:
+        if procs is None or procs.is_main:
+            built = _tokenised(cfg, tokenizer, fast_floor)
+            cache.save(key, {"train": built.train, "held": built.held},
+                       {"train_documents": built.train_documents, "held_documents": built.held_documents})
+            log.info("token blocks cached in %s (%d train, %d held-out blocks)", cache.root / key,
+                     len(built.train), len(built.held))
+        if procs is not None:
+            procs.barrier()
+        hit = cache.load(key)
+        if hit is None:
+            raise RuntimeError(f"the token cache {cache.root / key} was not written (is data.cache_dir shared by all "
+                               "processes of the job?)")
+    parts, meta = hit
+    return Data(parts["train"], parts["held"], meta["train_documents"], meta["held_documents"])
+
+
+def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
+    """Everything that decides a job's token blocks: the data settings, what the sources hold, the tokenizer."""
+    import hashlib
+
+    data = {k: v for k, v in dataclass_values(cfg.data).items() if k not in ("cache", "cache_dir")}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"data": data, "source": D.source_identity(cfg.data.source),
+            "eval_source": D.source_identity(cfg.data.eval_source), "max_examples": cfg.eval.max_examples,
+            "fast_floor": [FAST_FRACTION, cfg.mask.calibration_blocks] if fast_floor else None,
+            "tokenizer": [hashlib.sha256(spec.encode()).hexdigest(), tokenizer.eos_token_id, tokenizer.sep_token_id],
+            "version": 1}
+
+
+def dataclass_values(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+def _tokenised(cfg: Config, tokenizer, fast_floor: bool) -> Data:
+    dc = cfg.data
+    if dc.streaming:  # the evaluation text is its own source; the training stream is read up to train_tokens
+        limit = dc.max_train_blocks or (dc.train_tokens // dc.seq_len) or None
+        train, n_train = D.lm_blocks_streamed(tokenizer, D.stream_documents(dc.source, dc.text_field), dc.seq_len,
+                                              limit)
+        held_docs = list(D.load_documents(dc.eval_source, text_field=dc.text_field, label_field=dc.label_field))
+        if cfg.eval.max_examples:
+            held_docs = held_docs[: cfg.eval.max_examples]
+        return Data(train, task_data(cfg, tokenizer, held_docs), n_train, len(held_docs))
     train_docs, held_docs = documents(cfg)
     if fast_floor and cfg.data.train_fraction == 1.0:
         measured = {}  # the subset returned is the last one measured: its tokenisation is the training data
@@ -204,28 +300,58 @@ def attach(cfg: Config, model) -> MaskedModel:
                                                          log_sigma2_std=mask.log_sigma2_std, k=mask.k))
 
 
-def frozen_teacher(cfg: Config, model):
+def frozen_teacher(cfg: Config, model, sharded=None):
     """A separate frozen teacher when the weights train and something is distilled (VTrans, Fast-VTrans); None when
-    the model with its masks off is the teacher (Faster-VTrans: frozen weights, no second copy) or nothing distils."""
+    the model with its masks off is the teacher (Faster-VTrans: frozen weights, no second copy) or nothing distils.
+    Sharded runs load it sharded like the student (a copy would be whole)."""
     distills = cfg.distill.logit_weight > 0 or cfg.distill.layer_weight > 0
     if cfg.mask.method == "vib" and cfg.mask.variant != "faster" and distills:
-        return copy.deepcopy(model).eval().requires_grad_(False)
+        teacher = load(cfg.model, config=model.config, sharded=sharded)[0] if sharded else copy.deepcopy(model)
+        return teacher.eval().requires_grad_(False)
     return None
 
 
-def warm_start(cfg: Config, mm: MaskedModel, train) -> float:
+def warm_start(cfg: Config, mm: MaskedModel, train, procs=None, lockstep: bool = False) -> float:
     """The warm-start stage: a one-shot ranking (mask.init_from) on the variant's own training data spreads the VIB
-    masks' log_sigma2 (mask.init_spread); returns its seconds. A one-shot baseline's scoring is the same call."""
+    masks' log_sigma2 (mask.init_spread); returns its seconds. A one-shot baseline's scoring is the same call. With
+    several processes each scores its share of the calibration batches and the statistics are summed (equal shares
+    under `lockstep`, a sharded model's forward being a collective)."""
     import time
+
+    from .evaluation import rank_share
 
     t0 = time.perf_counter()
     method = cfg.mask.init_from if cfg.mask.method == "vib" else cfg.mask.method
-    score_masks(mm, method, calibration(train, cfg), seed=cfg.optim.seed)
+    batches = calibration(train, cfg)
+    if procs is not None and procs.distributed and len(batches) >= procs.world_size:
+        if lockstep:
+            batches = batches[: len(batches) - len(batches) % procs.world_size]
+        batches = [b for b, _ in rank_share(batches, procs)]
+    else:
+        procs = None  # too few batches to share: every rank scores them all
+    score_masks(mm, method, batches, seed=cfg.optim.seed, procs=procs)
     if cfg.mask.method == "vib":
         spread_scores(mm, cfg.mask.init_spread)
         log.info("masks warm-started from %s scores (spread %g) in %.1f s", method, cfg.mask.init_spread,
                  time.perf_counter() - t0)
     return time.perf_counter() - t0
+
+
+def prepare_training(cfg: Config, model) -> None:
+    """Activation checkpointing (optim.gradient_checkpointing) through transformers' own, non-reentrant, so the mask
+    hooks run again in the recomputation with the same noise (the RNG state is restored) and frozen inputs work."""
+    if cfg.optim.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' activation checkpointing (named gradient checkpointing before transformers 5), non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
 
 
 # ---------------------------------------------------------------------------------------------------------- decide
@@ -268,10 +394,30 @@ def decide(cfg: Config, mm: MaskedModel, budget: Budget) -> Decision:
 # ---------------------------------------------------------------------------------------------------------- materialise
 
 
-def materialise(cfg: Config, mm: MaskedModel, decision: Decision, gather=None):
-    """The materialise stage: the smaller model (stock classes with export_uniform=true)."""
-    pruned = materialize(mm, decision, gather=gather)
+def materialise(cfg: Config, mm: MaskedModel, decision: Decision, gather=None, build: bool = True):
+    """The materialise stage: the smaller model (stock classes with export_uniform=true), built one dense layer at a
+    time through `gather` (an engine's ZeRO-3 gathering); with `build=False` this process takes part in the gathering
+    and gets None (only rank 0 builds, then saves, a sharded model)."""
+    pruned = materialize(mm, decision, gather=gather, build=build)
+    if pruned is None:
+        return None
     return to_stock(pruned) if cfg.export_uniform else pruned
+
+
+def whole_copy(model, state: dict):
+    """A whole (CPU) model of `model`'s class and config holding `state` (e.g. a sharded model's gathered weights),
+    built with its parameters on the meta device and filled in place: no second copy is made."""
+    from .masks.materialize import parameters_on_meta
+
+    with parameters_on_meta():
+        copy_ = type(model)(model.config)
+    missing, unexpected = copy_.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if [k for k in missing if not (tied and k.endswith("lm_head.weight"))] or unexpected:
+        raise RuntimeError(f"whole copy: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        copy_.tie_weights()
+    return copy_.eval()
 
 
 def check_budget(model, budget: Budget, target: float) -> None:
@@ -314,29 +460,41 @@ def _ppl_batches(blocks: torch.Tensor, batch_size: int, window: int | None, stri
     return math.ceil(max(windows - 1, 1) / batch_size) + 1
 
 
-def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eval: bool = True) -> dict:
+def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eval: bool = True, procs=None,
+             lockstep: bool = False) -> dict:
     """The evaluate stage, the one evaluation entry point of every job: the task's own metrics on `data` (see
     task_data): perplexity (with its protocol), accuracy / F1 / Matthews, Pearson / Spearman, SQuAD exact match / F1;
-    and, for causal LMs with eval.lm_eval_tasks, zero-shot accuracy through lm-evaluation-harness."""
+    and, for causal LMs with eval.lm_eval_tasks, zero-shot accuracy through lm-evaluation-harness.
+
+    With several processes (`procs`) the batches are split over the ranks and the results reduced: every rank gets
+    the numbers one process computes. `lockstep`: the model is sharded (ZeRO-3), so every rank runs as many forwards;
+    lm-eval then cannot run (it needs a whole model on one rank) and is skipped. lm-eval runs on rank 0 alone while
+    the others wait (deepspeed.timeout_minutes)."""
     ec, dc = cfg.eval, cfg.data
     size = {"params": f"{model_numel(model) / 1e6:.2f}M"}
+    share = dict(procs=procs, lockstep=lockstep)
+    world = procs.world_size if procs is not None else 1
     if cfg.model.task == "causal_lm":
         window, stride = dc.eval_window or None, dc.eval_stride or None
-        total = _ppl_batches(data, ec.batch_size, window, stride)
+        total = math.ceil(_ppl_batches(data, ec.batch_size, window, stride) / world)
         with progress(model, total, f"{desc} (perplexity)", cfg.progress, size):
-            r = perplexity(model, data, batch_size=ec.batch_size, window=window, stride=stride)
+            r = perplexity(model, data, batch_size=ec.batch_size, window=window, stride=stride, **share)
         metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
                    "eval_window": r["window"] or dc.seq_len, "eval_stride": r["stride"] or dc.seq_len}
-        if lm_eval:
-            metrics.update(lm_eval_metrics(model, tokenizer, ec))
+        if lm_eval and ec.lm_eval_tasks and lockstep:
+            log.warning("%s: eval.lm_eval_tasks skipped: the model is sharded (ZeRO-3); run job=evaluate on it", desc)
+        elif lm_eval and ec.lm_eval_tasks:
+            zero_shot = lm_eval_metrics(model, tokenizer, ec) if procs is None or procs.is_main else None
+            metrics.update(procs.broadcast(zero_shot) if procs is not None else zero_shot)
         return metrics
+    total = math.ceil(math.ceil(len(data) / ec.batch_size) / world)
     if cfg.model.task == "sequence_classification":
-        with progress(model, math.ceil(len(data) / ec.batch_size), desc, cfg.progress, size):
+        with progress(model, total, desc, cfg.progress, size):
             if cfg.model.num_labels == 1:
-                return regression_metrics(model, data, batch_size=ec.batch_size)
-            return classification_metrics(model, data, batch_size=ec.batch_size)
-    with progress(model, math.ceil(len(data) / ec.batch_size), f"{desc} (SQuAD)", cfg.progress, size):
-        return qa_metrics(model, data, ec.batch_size, ec.qa_n_best, ec.qa_max_answer_len)
+                return regression_metrics(model, data, batch_size=ec.batch_size, **share)
+            return classification_metrics(model, data, batch_size=ec.batch_size, **share)
+    with progress(model, total, f"{desc} (SQuAD)", cfg.progress, size):
+        return qa_metrics(model, data, ec.batch_size, ec.qa_n_best, ec.qa_max_answer_len, **share)
 
 
 def size_metrics(model, seq_len: int, prefix: str = "") -> dict:

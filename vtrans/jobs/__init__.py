@@ -8,8 +8,9 @@ import json
 import logging
 import math
 
+from ..cluster import dist_env
 from ..config import load_config
-from ..pipeline import is_main_process, output_dir, set_objective
+from ..pipeline import check_world_size, is_main_process, output_dir, set_objective
 
 log = logging.getLogger("vtrans")
 
@@ -17,6 +18,7 @@ log = logging.getLogger("vtrans")
 def run(cfg) -> dict:
     """Validate the config (before any model is loaded), run the chosen job, write metrics.json (rank 0)."""
     cfg = load_config(cfg)
+    check_world_size(cfg, dist_env().world_size)
     out = output_dir(cfg)
     main = is_main_process()
     if main:

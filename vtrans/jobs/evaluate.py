@@ -20,7 +20,9 @@ log = logging.getLogger("vtrans")
 def run(cfg: Config, out: Path) -> dict:
     t0 = time.perf_counter()
     require_lm_eval(cfg.eval)  # before any model is loaded
-    model, tokenizer = P.load(P.dir_model_config(cfg, cfg.model_dir) if cfg.model_dir else cfg.model)
+    procs = P.setup(cfg)
+    model, tokenizer = P.load(P.dir_model_config(cfg, cfg.model_dir) if cfg.model_dir else cfg.model,
+                              device=procs.device)
     _, held = P.documents(cfg)
     data = P.task_data(cfg, tokenizer, held)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="evaluate")
@@ -34,10 +36,10 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["params_ratio"] = metrics["params"] / metrics["params_dense"]
         metrics["flops_ratio"] = metrics["flops"] / metrics["flops_dense"]
     t_eval = time.perf_counter()
-    metrics.update(P.evaluate(model, tokenizer, cfg, data))
+    metrics.update(P.evaluate(model, tokenizer, cfg, data, procs=procs))
     metrics["eval_time_s"] = time.perf_counter() - t_eval
     rows = P.structure_rows(model, dense)
-    if P.is_main_process():
+    if procs.is_main:
         metrics.update(write_structure(rows, out, "structure of the evaluated model"))
     logger.structure(rows, "structure of the evaluated model")
     metrics["wall_time_s"] = time.perf_counter() - t0

@@ -46,11 +46,12 @@ def _outputs(model, inputs) -> torch.Tensor:
 def run(cfg: Config, out: Path) -> dict:
     import transformers
 
-    if not P.is_main_process():  # one writer: the export is a single-process job
+    if not P.is_main_process():  # one writer: the export is a single-process job (rank 0)
         return {"skipped": "not rank 0"}
     t0 = time.perf_counter()
+    device = P.setup(cfg).device
     src = Path(cfg.model_dir)
-    model, tokenizer = P.load(P.dir_model_config(cfg, str(src)))
+    model, tokenizer = P.load(P.dir_model_config(cfg, str(src)), device=device)
     config = model.config
     pruned_format = is_pruned(config)  # else already stock (e.g. pruned with export_uniform=true)
     problems = family_of(config).uniform_problems(config) if cfg.export_uniform and pruned_format else []
@@ -74,8 +75,8 @@ def run(cfg: Config, out: Path) -> dict:
     if (src / DECISION_FILE).is_file():  # the kept units travel with the model (the probe reads them)
         shutil.copyfile(src / DECISION_FILE, dest / DECISION_FILE)
     # the export must stand alone: reload it (remote code from its own folder) and compare outputs
-    reloaded = auto.from_pretrained(dest, trust_remote_code=remote_code)
-    inputs = _probe_inputs(model, getattr(config, "vocab_size", 100))
+    reloaded = auto.from_pretrained(dest, trust_remote_code=remote_code).to(device)
+    inputs = {k: v.to(device) for k, v in _probe_inputs(model, getattr(config, "vocab_size", 100)).items()}
     diff = float((_outputs(model, inputs) - _outputs(reloaded, inputs)).abs().max())
     if diff > 1e-4:
         raise RuntimeError(f"the exported model's outputs differ from the source model's by {diff:.3g}")

@@ -23,13 +23,15 @@ log = logging.getLogger("vtrans")
 
 def run(cfg: Config, out: Path) -> dict:
     t0 = time.perf_counter()
+    procs = P.setup(cfg)
+    sharded = P.sharding(cfg, procs)  # ZeRO-3: student and teacher built partitioned, never whole on a rank
     torch.manual_seed(cfg.optim.seed)
     ft, dc = cfg.finetune, cfg.distill
-    student, tokenizer = P.load(P.dir_model_config(cfg, cfg.model_dir))
-    teacher, _ = P.load(cfg.model) if dc.logit_weight > 0 else (None, None)
+    student, tokenizer = P.load(P.dir_model_config(cfg, cfg.model_dir), device=procs.device, sharded=sharded)
+    teacher = P.load(cfg.model, device=procs.device, sharded=sharded)[0] if dc.logit_weight > 0 else None
     if dc.layer_weight > 0:
         log.warning("distill.layer_weight=%s is used while pruning only; finetune distils logits", dc.layer_weight)
-    data = P.prepare_data(cfg, tokenizer)
+    data = P.prepare_data(cfg, tokenizer, procs=procs)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="finetune")
 
     seq = cfg.budget.flops_seq_len
@@ -40,33 +42,44 @@ def run(cfg: Config, out: Path) -> dict:
         metrics.update(P.size_metrics(teacher, seq, "_dense"))
     if "params_dense" in metrics:
         metrics["params_ratio"] = metrics["params"] / metrics["params_dense"]
-    for k, v in P.evaluate(student, tokenizer, cfg, data.held, "before finetune").items():
-        metrics[f"{k}_before" if not k.startswith("eval_") else k] = v
 
     module = DistillModule(student, teacher, cfg.model.task, dc.task_weight, dc.logit_weight, dc.temperature,
                            metrics.get("params_ratio", 1.0))
     params = [p for p in student.parameters() if p.requires_grad]
+    P.prepare_training(cfg, student)
     engine = make_engine(module, [{"name": "weights", "params": params, "lr": ft.lr,
-                                   "weight_decay": cfg.optim.weight_decay}], cfg)
+                                   "weight_decay": cfg.optim.weight_decay}], cfg, procs)
+    before = P.evaluate(student, tokenizer, cfg, data.held, "before finetune", procs=procs, lockstep=bool(sharded))
+    for k, v in before.items():
+        metrics[f"{k}_before" if not k.startswith("eval_") else k] = v
     train = data.train.tensors() if hasattr(data.train, "tensors") else data.train  # dicts of tensors (QA too)
     t_train = time.perf_counter()
     history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
                   cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
                   desc="finetune", checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
-    engine.consolidate()  # ZeRO-3: gather the trained shards back in full before evaluating and saving
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]
     metrics["train_tokens"] = ft.steps * cfg.optim.grad_accum * ft.batch_size * cfg.data.seq_len
-    student.eval()
-    for k, v in P.evaluate(student, tokenizer, cfg, data.held, "after finetune").items():
+    model_dir = out / "model"
+    if sharded:  # rank 0 gathers the trained weights one tensor at a time and saves them; every rank reads them back
+        engine.release()
+        tuned = P.whole_copy(student, engine.state_on_main(student)) if procs.is_main else None
+        if procs.is_main:
+            P.save_model(tuned, tokenizer, model_dir)
+        procs.barrier()
+        student = P.load(P.dir_model_config(cfg, model_dir), device=procs.device)[0]
+    else:
+        engine.consolidate()
+        if procs.is_main:
+            P.save_model(student, tokenizer, model_dir)
+    student.eval().to(procs.device)
+    for k, v in P.evaluate(student, tokenizer, cfg, data.held, "after finetune", procs=procs).items():
         if not k.startswith("eval_"):
             metrics[f"{k}_after"] = v
 
     rows = P.structure_rows(student, dense)
     logger.structure(rows, "structure of the fine-tuned model")
-    if P.is_main_process():
-        model_dir = out / "model"
-        P.save_model(student, tokenizer, model_dir)
+    if procs.is_main:
         metrics["model_dir"] = str(model_dir)
         metrics.update(write_structure(rows, out, "structure of the fine-tuned model"))
     metrics["wall_time_s"] = time.perf_counter() - t0

@@ -222,14 +222,15 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 
 def run(cfg: Config, out: Path) -> dict:
     t0 = time.perf_counter()
-    dense, tokenizer = P.load(cfg.model, eager=True)
+    procs = P.setup(cfg)
+    dense, tokenizer = P.load(cfg.model, eager=True, device=procs.device)
     ds = shape_of(dense)
     saved = Path(cfg.model_dir) / DECISION_FILE if cfg.model_dir else None
     if cfg.probe.decision or (saved is not None and saved.is_file()):
         source = cfg.probe.decision or str(saved)
         kept = load_decision(source, len(ds.layers), [l.heads for l in ds.layers])
     else:
-        pruned, _ = P.load(P.dir_model_config(cfg, cfg.model_dir))
+        pruned, _ = P.load(P.dir_model_config(cfg, cfg.model_dir), device=procs.device)
         kept = kept_heads_from_weights(dense, pruned)
         source = cfg.model_dir
         del pruned
@@ -246,7 +247,7 @@ def run(cfg: Config, out: Path) -> dict:
     rows = head_rows(shares, kept)
     summary = compare(rows)
     metrics = {"kept_from": source, "probe_examples": len(texts), **summary}
-    if P.is_main_process():
+    if procs.is_main:
         write_csv(rows, out / "probe.csv")
         (out / "probe.json").write_text(json.dumps({"summary": summary, "kept_heads": kept, "heads": rows},
                                                    indent=2))

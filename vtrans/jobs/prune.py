@@ -26,30 +26,28 @@ log = logging.getLogger("vtrans")
 
 def run(cfg: Config, out: Path) -> dict:
     t_start = time.perf_counter()
+    procs = P.setup(cfg)
+    sharded = P.sharding(cfg, procs)  # ZeRO-3: every model is built partitioned, none is ever whole on a rank
+    lockstep = sharded is not None  # a partitioned model's forward is a collective: every rank runs as many
     torch.manual_seed(cfg.optim.seed)
     mask, optim = cfg.mask, cfg.optim
     # load: the family is checked from the config alone, before any weights are read
-    model, tokenizer = P.load(cfg.model, config=read_model_config(cfg.model))
-    data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast")
-    teacher = P.frozen_teacher(cfg, model)
+    model, tokenizer = P.load(cfg.model, config=read_model_config(cfg.model), device=procs.device, sharded=sharded)
+    data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast", procs=procs)
+    teacher = P.frozen_teacher(cfg, model, sharded)
     mm = P.attach(cfg, model)
     budget = P.budget_of(cfg)
     check_reachable(mm, budget)  # before any training
     dense = mm.dense
     logger = RunLogger(cfg.logger, asdict(cfg), str(out))
-    log.info("model %s: %s layers, hidden %s, %s params; %d train / %d held-out documents", dense.family,
-             len(dense.layers), dense.hidden, f"{param_count(dense):,}", data.train_documents, data.held_documents)
+    log.info("model %s: %s layers, hidden %s, %s params on %s%s; %d train / %d held-out documents", dense.family,
+             len(dense.layers), dense.hidden, f"{param_count(dense):,}", procs.device,
+             f" (ZeRO-3, {procs.world_size} ranks)" if sharded else "", data.train_documents, data.held_documents)
 
-    with mm.disabled():
-        dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense")
-    log.info("dense: %s", _fmt(dense_eval))
-
-    if mask.method == "vib":
-        t_init = time.perf_counter()
+    engine, checkpointer = None, None
+    if mask.method == "vib":  # the engine first: under ZeRO-3 its hooks gather each layer for every forward
         checkpointer = Checkpointer.from_config(cfg.checkpoint, out)
-        resuming = checkpointer.resume and checkpointer.latest() is not None  # the restored masks replace any start
-        if mask.init_from and not resuming:
-            P.warm_start(cfg, mm, data.train)
+        P.prepare_training(cfg, model)
         module = PruningModule(
             mm, budget, beta=mask.beta, kl_weights=dict(mask.kl_weights), task_weight=cfg.distill.task_weight,
             logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
@@ -57,34 +55,70 @@ def run(cfg: Config, out: Path) -> dict:
             warmup_steps=round(cfg.budget.warmup_fraction * optim.steps), train_weights=mask.variant != "faster",
             teacher=teacher)
         engine = make_engine(module, module.param_groups(optim.mask_lr, optim.weight_lr, optim.lambda_lr,
-                                                         optim.distill_lr), cfg)
+                                                         optim.distill_lr), cfg, procs)
+    hooks = sharded.forward_hooks(model) if sharded and engine is None else None  # a sharded baseline's forwards
+
+    with mm.disabled():
+        dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense", procs=procs, lockstep=lockstep)
+    log.info("dense: %s", _fmt(dense_eval))
+
+    if mask.method == "vib":
+        t_init = time.perf_counter()
+        resuming = checkpointer.resume and checkpointer.latest() is not None  # the restored masks replace any start
+        if mask.init_from and not resuming:
+            P.warm_start(cfg, mm, data.train, procs, lockstep)
+            engine.release_parameters()
         on_step = P.iterative_decisions(mm, budget, module.warmup_steps, module.final_ratio, cfg.budget.decide_every,
                                         optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
         history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
                       optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
                       progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step)
         train_time = time.perf_counter() - t_init
-        engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
-        is_main = engine.is_main
+        engine.release()  # the optimizers' moments are not needed any more: free them before materialising
     else:  # a one-shot baseline: score the units on calibration batches, no training
-        history, train_time = [], P.warm_start(cfg, mm, data.train)
-        is_main = P.is_main_process()
+        history, train_time = [], P.warm_start(cfg, mm, data.train, procs, lockstep)
+        if hooks is not None:
+            hooks.release()
 
-    decision = P.decide(cfg, mm, budget)
+    decision = P.decide(cfg, mm, budget)  # the masks are whole on every rank: every rank decides alike
     logger.structure(rows_from_decision(decision))
-    pruned = P.materialise(cfg, mm, decision)
-    P.check_budget(pruned, budget, decision.fit["target"])
-    pruned_eval = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned")
+    # materialise one dense layer at a time (gathered under ZeRO-3); with several processes rank 0 builds and saves
+    # the pruned model, and the others read it back for the split evaluation
+    model_dir = out / "model"
+    gather = engine.gathered if engine is not None else (sharded.read if sharded else None)
+    pruned = P.materialise(cfg, mm, decision, gather=gather, build=procs.is_main)
+    if procs.is_main:
+        P.check_budget(pruned, budget, decision.fit["target"])
+        P.save_model(pruned, tokenizer, model_dir, decision)
+    if procs.distributed:
+        procs.barrier()
+        if not procs.is_main:
+            pruned, _ = P.load(P.dir_model_config(cfg, model_dir))
+    pruned.to(procs.device)
+    pruned_eval = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned", procs=procs)
     log.info("pruned: %s", _fmt(pruned_eval))
 
+    metrics = _metrics(cfg, dense, model, pruned, decision, data, history, train_time, dense_eval, pruned_eval)
+    metrics["model_dir"] = str(model_dir)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    P.set_objective(cfg, metrics)
+    logger.summary(metrics)
+    logger.finish()
+    if procs.is_main:
+        _print_summary(metrics)
+    return metrics
+
+
+def _metrics(cfg: Config, dense, model, pruned, decision, data, history, train_time, dense_eval, pruned_eval) -> dict:
     pruned_shape = shape_of(pruned)
     params_dense, params_pruned = model_numel(model), model_numel(pruned)
     seq = cfg.budget.flops_seq_len
+    optim = cfg.optim
     metrics = {
-        "variant": mask.variant if mask.method == "vib" else "one-shot",
-        "method": mask.method,
+        "variant": cfg.mask.variant if cfg.mask.method == "vib" else "one-shot",
+        "method": cfg.mask.method,
         "model_family": dense.family,
-        "budget_kind": budget.kind,
+        "budget_kind": cfg.budget.kind,
         "budget_target": cfg.budget.target,
         "budget_target_size": decision.fit["target"],
         "params_dense": params_dense,
@@ -109,16 +143,6 @@ def run(cfg: Config, out: Path) -> dict:
     for k, v in pruned_eval.items():
         if not k.startswith("eval_"):
             metrics[f"{k}_pruned"] = v
-    model_dir = out / "model"
-    if is_main:  # one writer: every rank holds the same pruned model
-        P.save_model(pruned, tokenizer, model_dir, decision)
-    metrics["model_dir"] = str(model_dir)
-    metrics["wall_time_s"] = time.perf_counter() - t_start
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
-    if is_main:
-        _print_summary(metrics)
     return metrics
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..decision import Decision
-from ..models import base_model, family_of, get_module, head_kind
+from ..models import base_model, family_of, get_module, has_module, head_kind
 from .attach import MaskedModel
 
 
@@ -32,20 +32,20 @@ class _Linear:
         self.w = w.t() if conv1d else w
         self.b = sd.get(prefix + ".bias")
 
-    def select_out(self, idx, scale=None):
+    def select_out(self, idx, scale=None):  # index_select makes new tensors: scaling them in place copies nothing
         self.w = self.w.index_select(0, idx)
         if self.b is not None:
             self.b = self.b.index_select(0, idx)
         if scale is not None:
-            self.w = self.w * scale.to(self.w.dtype).unsqueeze(1)
+            self.w.mul_(scale.to(self.w.dtype).unsqueeze(1))
             if self.b is not None:
-                self.b = self.b * scale.to(self.b.dtype)
+                self.b.mul_(scale.to(self.b.dtype))
         return self
 
     def select_in(self, idx, scale=None):
         self.w = self.w.index_select(1, idx)
         if scale is not None:
-            self.w = self.w * scale.to(self.w.dtype).unsqueeze(0)
+            self.w.mul_(scale.to(self.w.dtype).unsqueeze(0))
         return self
 
     def store(self, out: dict) -> None:
@@ -114,43 +114,37 @@ def materialize(model, decision: Decision | None = None, dtype: torch.dtype | No
     hk, hmu = decision.hidden.index, decision.hidden.scale.float()
     out: dict[str, torch.Tensor] = {}
 
-    # --- everything outside the layers: embeddings, the embedding / final norm, task heads
-    outside = [(n, p) for n, p in model.named_parameters() if not n.startswith(layers_prefix)]
-    with gather([p for _, p in outside]):
-        sd = {n: p.detach().float().cpu() for n, p in outside} if build else {}
+    # --- everything outside the layers (embeddings, the embedding / final norm, task heads), one tensor at a time
+    tied_lm = dense.head == "lm" and dense.tied_embeddings
+    embeddings = {base_prefix + path + ".weight" for path in fam.embeddings}
+    norm = base_prefix + (fam.embed_norm if post else fam.final_norm) + "."
+    head_inputs = {f"{base_prefix if has_module(base, h) and base is not model else ''}{h}.weight"
+                   for h in fam.head_inputs}
+
+    def outside_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in embeddings:  # columns are hidden channels; pre-norm folds the hidden mask into the lookup
+            w = t.index_select(1, hk)
+            return w if post else w.mul_(hmu.unsqueeze(0))
+        if name.startswith(norm):  # post-norm: the hidden mask multiplies the norm's output; a tied LM head
+            w = t.index_select(0, hk)  # (scaled with the embedding) reads the final norm's output divided by it
+            if post:
+                return w.mul_(hmu)
+            return w.div_(hmu) if tied_lm else w
+        if name in head_inputs:
+            return t.index_select(1, hk)
+        return t.clone()  # untouched by the hidden dimension (classifier outputs, head biases): the pruned model's own
+
+    for name, p in model.named_parameters():
+        if name.startswith(layers_prefix):
+            continue
+        with gather([p]):
+            if build:
+                out[name] = outside_tensor(name, p.detach().float().cpu())
     if build:
-        sd.update({n: b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
-                   for n, b in _persistent_buffers(model) if not n.startswith(layers_prefix)})
-
-        def norm(prefix: str, scale=None, divide=False):
-            for suffix in (".weight", ".bias"):
-                t = sd.get(prefix + suffix)
-                if t is not None:
-                    t = t.index_select(0, hk)
-                    out[prefix + suffix] = t if scale is None else (t / scale if divide else t * scale)
-
-        for path in fam.embeddings:
-            key = base_prefix + path + ".weight"
-            if key in sd:
-                w = sd[key].index_select(1, hk)
-                out[key] = w if post else w * hmu.unsqueeze(0)
-        if post:
-            norm(base_prefix + fam.embed_norm, hmu)
-        else:
-            tied_lm = dense.head == "lm" and dense.tied_embeddings
-            norm(base_prefix + fam.final_norm, hmu if tied_lm else None, divide=True)
-        for key, t in sd.items():
-            if not key.endswith(".weight") or key in out:
-                continue
-            module = key[: -len(".weight")]
-            name = module[len(base_prefix):] if module.startswith(base_prefix) else module
-            if name in fam.head_inputs:
-                out[key] = t.index_select(1, hk)
-                if module + ".bias" in sd:
-                    out[module + ".bias"] = sd[module + ".bias"]
-        for key, t in sd.items():  # what the hidden dimension does not touch (classifier outputs, buffers) is kept
-            out.setdefault(key, t)
-        if dense.head == "lm" and dense.tied_embeddings and "lm_head.weight" in out:
+        for name, b in _persistent_buffers(model):
+            if not name.startswith(layers_prefix):
+                out[name] = (b.detach().float() if b.is_floating_point() else b.detach()).to("cpu", copy=True)
+        if tied_lm and "lm_head.weight" in out:
             out["lm_head.weight"] = out[base_prefix + fam.embeddings[0] + ".weight"]
 
     # --- the layers, one at a time
@@ -206,7 +200,7 @@ def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: to
             t = sd.get(path + suffix)
             if t is not None:
                 t = t.index_select(0, hk)
-                layer_out[path + suffix] = t if scale is None else t * scale
+                layer_out[path + suffix] = t if scale is None else t.mul_(scale)
 
     if len(kv_idx):
         q_heads = (kv_idx.unsqueeze(1) * group + torch.arange(group)).flatten()

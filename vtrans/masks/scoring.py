@@ -23,7 +23,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 
 
-def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = None, seed: int = 0) -> None:
+def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = None, seed: int = 0,
+                procs=None) -> None:
     """Fill `scores` (higher = keep) of every mask of `mm` by `method`; the model and masks are otherwise left
     as they were. A head unit is one KV head with its query heads; a block is a layer's attention or FFN.
 
@@ -60,6 +61,8 @@ def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = N
 
     `batches`: dicts with input_ids and attention_mask (token_type_ids; labels for classifiers under taylor),
     needed by activation and taylor. Scores describe the model as its masks leave it: identity before a decision.
+    With `procs` (vtrans.engine.Processes: several processes) each rank passes its own share of the calibration
+    batches and the statistics are summed over the ranks: the scores of one process that saw them all.
     """
     if method not in METHODS:
         raise ValueError(f"unknown scoring method {method!r}; accepted: {list(METHODS)}")
@@ -75,7 +78,7 @@ def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = N
         est = _magnitude(geo)
     else:
         with _scoring_state(mm):
-            est = _activation(geo, batches) if method == "activation" else _taylor(geo, batches)
+            est = _activation(geo, batches, procs) if method == "activation" else _taylor(geo, batches, procs)
     scores = _per_parameter(geo, est) if est.comparable else _per_kind_median(geo, est)
     scale = torch.cat([s.flatten() for s in scores.values()]).median()
     if scale > 0:  # one factor for all: the ranking is unchanged, the numbers readable
@@ -315,7 +318,7 @@ class _Sums:
 
 
 @torch.no_grad()
-def _activation(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
+def _activation(geo: _Geometry, batches: Iterable[dict], procs=None) -> _Estimates:
     fam, sums, handles = geo.family, _Sums(), []
     n_layers, reads = len(geo.layers), geo.stream_reads()
 
@@ -354,6 +357,11 @@ def _activation(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
     finally:
         for h in handles:
             h.remove()
+    if procs is not None:  # every rank's sums and counts
+        n_batches = int(procs.sum(torch.tensor(float(n_batches))))
+        for key in sorted(sums.total, key=str):
+            sums.total[key] = procs.sum(torch.as_tensor(sums.total[key], device=geo.device))
+            sums.count[key] = int(procs.sum(torch.tensor(float(sums.count[key]))))
     if n_batches == 0:
         raise ValueError("scoring method 'activation' got no calibration batches")
 
@@ -404,7 +412,7 @@ def _loss(mm: MaskedModel, batch: dict, device) -> torch.Tensor | None:
     return mm.model(**inputs, **labels).loss
 
 
-def _taylor(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
+def _taylor(geo: _Geometry, batches: Iterable[dict], procs=None) -> _Estimates:
     mm, handles = geo.mm, []
     n_layers = len(geo.layers)
 
@@ -453,6 +461,9 @@ def _taylor(geo: _Geometry, batches: Iterable[dict]) -> _Estimates:
     finally:
         for h in handles:
             h.remove()
+    if procs is not None:  # every rank's sums
+        n_sequences = int(procs.sum(torch.tensor(float(n_sequences))))
+        fisher = {k: procs.sum(v) for k, v in fisher.items()}
     if n_sequences == 0:
         raise ValueError("scoring method 'taylor' got no calibration sequences with a loss")
     damage = {k: 0.5 * v / n_sequences for k, v in fisher.items()}

@@ -1,0 +1,40 @@
+"""bench/gpu_check.sh: it refuses clearly without CUDA, and its parts (bench/gpu_steps.py at a tiny shape on the CPU,
+bench/gpu_report.py) run and report, so that a GPU session spends its minutes on the figures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run")
+def test_gpu_check_refuses_without_cuda_and_runs_nothing(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                       env={**ENV, "RESULTS": str(tmp_path)})
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpu_steps_and_report_at_a_tiny_shape_on_the_cpu(tmp_path):
+    for part in ("faster", "materialise"):
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_steps.py"), "--part", part, "--shape", "tiny",
+                            "--device", "cpu", "--seq-len", "32", "--steps", "1"], capture_output=True, text=True,
+                           timeout=300, env=ENV, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-2000:]
+        (tmp_path / f"gpu_{'b_faster' if part == 'faster' else 'c'}.log").write_text(r.stdout + "rc=0\n")
+    result = json.loads(next(l for l in r.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    assert result["pruned_params"] > 0 and result["materialise_s"] > 0
+    (tmp_path / "gpu_env.txt").write_text("cpu test")
+    report = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_report.py"), str(tmp_path)],
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "| Faster-VTrans (weights frozen, offloaded) |" in report and "| ok |" in report
+    assert "decide " in report and "materialise " in report
+    assert "VTrans (weights trained, optimizer offloaded) | - | - | - | - | not run" in report
