@@ -468,6 +468,8 @@ def lm_blocks_streamed(
     n_docs = 0
 
     def flush() -> None:
+        if not pending:
+            return
         for ids in tokenizer(pending, add_special_tokens=False, verbose=False)["input_ids"]:
             if ids:
                 if stream:

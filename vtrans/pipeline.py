@@ -227,7 +227,11 @@ def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
 
     data = {k: v for k, v in dataclass_values(cfg.data).items() if k not in ("cache", "cache_dir")}
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:  # its truncation / padding state changes with every call: not part of what it is
+        spec = json.dumps({k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")},
+                          sort_keys=True)
+    else:
+        spec = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {"data": data, "source": D.source_identity(cfg.data.source),
             "eval_source": D.source_identity(cfg.data.eval_source), "max_examples": cfg.eval.max_examples,
             "fast_floor": [FAST_FRACTION, cfg.mask.calibration_blocks] if fast_floor else None,

