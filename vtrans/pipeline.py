@@ -34,6 +34,7 @@ from .objectives import target_ratio
 log = logging.getLogger("vtrans")
 FAST_FRACTION = 0.03  # Fast-VTrans trains on about 3 % of the data (the paper)
 LOWER_IS_BETTER = ("ppl",)  # objectives where lower is better; every other one is higher-is-better
+SHARD_SIZE = "5GB"  # saved models are sharded safetensors files of at most this size (a 7B model: 3 files)
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
@@ -534,9 +535,9 @@ def save_model(model, tokenizer, model_dir: Path, decision: Decision | None = No
 
     model_dir = Path(model_dir)
     if is_pruned(model.config):
-        save_pruned(model, model_dir)
+        save_pruned(model, model_dir, max_shard_size=SHARD_SIZE)
     else:
-        model.save_pretrained(model_dir)
+        model.save_pretrained(model_dir, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(model_dir)
     if decision is not None:
         (model_dir / DECISION_FILE).write_text(json.dumps(decision.record()))
