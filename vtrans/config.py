@@ -3,7 +3,8 @@ an unknown key or a wrong type fails at composition, naming the key; value check
 (reached by `load_config`), before any model is loaded or any device is held."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -372,6 +373,53 @@ class Config:
                 if value and not (value.startswith("hf:") or value.lower().endswith((".json", ".jsonl"))):
                     raise ValueError(f"data.{name}={value!r} is not accepted for model.task=question_answering; "
                                      f"accepted: {_QA_SOURCES}")
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+# Which fields make two runs the same run. The result fingerprint is every field except those that only say where a
+# job writes, how it reports and how it checkpoints; a finished run's directory is reused only under the same one.
+# The training fingerprint is the part a job's training depends on (recorded in every checkpoint): a checkpoint is
+# resumed only under the same one, so e.g. evaluation settings may change between a preemption and the resume.
+NOT_RESULT = ("output_dir", "progress", "logger", "checkpoint", "optim.log_every")
+TRAINING_FIELDS = {
+    "prune": ("job", "model", "data", "mask", "budget", "optim", "distill", "deepspeed", "export_uniform"),
+    "finetune": ("job", "model", "model_dir", "data", "optim", "distill", "finetune", "deepspeed"),
+}
+EVALUATION_ONLY = ("data.max_eval_blocks", "data.eval_window", "data.eval_stride")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def result_fingerprint(cfg: Config) -> dict:
+    """{dotted field: value} of every field that changes what a job computes (JSON values)."""
+    flat = json.loads(json.dumps(_flat(asdict(cfg))))
+    return {k: v for k, v in flat.items() if not _under(k, NOT_RESULT)}
+
+
+def training_fingerprint(cfg: Config) -> dict:
+    """{dotted field: value} of the fields the job's training depends on; {} for jobs that do not train."""
+    fields = TRAINING_FIELDS.get(cfg.job, ())
+    return {k: v for k, v in result_fingerprint(cfg).items() if _under(k, fields) and not _under(k, EVALUATION_ONLY)}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for every field whose value differs (a field only one side has counts as changed)."""
+    missing = "(unset)"
+    return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
 
 
 def register() -> None:

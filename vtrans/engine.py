@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +76,15 @@ class Engine:
         """Module (weights, masks, multipliers) and optimizer state into the directory `path`."""
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                    Path(path) / "engine.pt")
+
+    def state_bytes(self) -> int:
+        """About how many bytes save_state writes (Adam's two moments counted before its first step too)."""
+        from .checkpoint import tensor_bytes
+
+        module = tensor_bytes(self.module.state_dict().values())
+        optimizer = sum(tensor_bytes(self.optimizer.state[p].values()) if self.optimizer.state.get(p)
+                        else 2 * p.numel() * p.element_size() for p in self.params)
+        return module + optimizer
 
     def load_state(self, path: Path) -> None:
         state = torch.load(Path(path) / "engine.pt", map_location=self.device, weights_only=True)
@@ -263,6 +273,17 @@ class DeepSpeedEngine(Engine):
         if self.replicated_optimizer is not None and self.is_main:
             torch.save(self.replicated_optimizer.state_dict(), Path(path) / "replicated_optimizer.pt")
 
+    def state_bytes(self) -> int:
+        """About how many bytes all ranks' save_state write together: the module in its dtype (whole, also under
+        ZeRO-3), and for each trainable weight fp32 Adam moments (+ an fp32 master copy under bf16)."""
+        module = trainable = 0
+        for p in self.module.parameters():
+            n = getattr(p, "ds_numel", p.numel())
+            module += n * p.element_size()
+            trainable += n if p.requires_grad else 0
+        module += sum(b.numel() * b.element_size() for b in self.module.buffers())
+        return module + trainable * (12 if self.bf16 else 8)
+
     def load_state(self, path: Path) -> None:
         load_path, _ = self.ds.load_checkpoint(str(path), tag="deepspeed",
                                                load_optimizer_states=self.optimizer is not None,
@@ -369,14 +390,18 @@ def make_engine(module: nn.Module, param_groups: list[dict], cfg) -> Engine:
 
 def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]], steps: int, grad_accum: int,
         on_log: Callable[[int, dict], None] | None = None, log_every: int = 10, progress: bool = True,
-        desc: str = "prune", checkpointer=None, on_step: Callable[[int], None] | None = None) -> list[dict]:
+        desc: str = "prune", checkpointer=None, on_step: Callable[[int], None] | None = None,
+        end_reserve: int = 0) -> list[dict]:
     """Run `steps` optimizer steps of `grad_accum` micro-batches; returns the per-step stats.
 
     `batches` is an iterator of global micro-batches, or a function of a sample offset returning one (so that a
     resumed run continues at its data position). With a `checkpointer` (vtrans.checkpoint.Checkpointer) the run
-    resumes from its latest checkpoint, saves every N steps, at the end, and on SIGTERM / SIGUSR1 (at the next step
-    boundary; SIGTERM then ends the run with `Preempted`). Logging and the progress bar are on rank 0 only.
-    `on_step(step)` runs on every rank after each optimizer step (iterative pruning decisions).
+    resumes from its latest checkpoint, saves every N steps, at the end, and on SIGTERM / SIGINT / SIGUSR1 (at the
+    next step boundary; SIGTERM / SIGINT then end the run with `Preempted`). The end-of-training checkpoint only
+    spares a rerun the training when the job stops before its results are written: it is saved only when the disk
+    also keeps `end_reserve` bytes free (room for the model), and a failure to save it is a warning, not an error.
+    Logging and the progress bar are on rank 0 only. `on_step(step)` runs on every rank after each optimizer step
+    (iterative pruning decisions).
     """
     from tqdm.auto import tqdm
 
@@ -417,11 +442,13 @@ def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]
         save_now, stop_now = engine.any_rank(*ckpt.signal_requests())
         if save_now or stop_now or checkpointer.due(step + 1) or step + 1 == steps:
             reason = "signal" if (save_now or stop_now) else "periodic" if checkpointer.due(step + 1) else "end"
-            checkpointer.save(engine, ckpt.TrainState(step=step + 1, samples=samples, history=history), reason)
+            checkpointer.save(engine, ckpt.TrainState(step=step + 1, samples=samples, history=history), reason,
+                              required=reason != "end", reserve=end_reserve if reason == "end" else 0)
             ckpt.clear_save_request()
         if stop_now:
             bar.close()
+            signum = ckpt.stop_signal() or signal.SIGTERM  # a rank the signal did not reach stops as if by SIGTERM
             ckpt.clear_requests()
-            raise ckpt.Preempted(step + 1)
+            raise ckpt.Preempted(step + 1, signum)
     bar.close()
     return history
