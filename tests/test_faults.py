@@ -1,23 +1,35 @@
-"""Faults and bad inputs end in a clear error or a correct result, and nothing is lost: a checkpoint resumes only
-under the config that wrote it; a full disk fails a save with the path and the bytes and removes the partial save; an
-unreadable latest checkpoint falls back to the one before; data that is not text, or a broken JSON line, is refused
-naming the file (and the line). A real small filesystem (tmpfs) where the behaviour is about it."""
+"""Faults and bad inputs end in a clear error or a correct result, and nothing is lost: a run directory of another
+config is refused before any model loads (or set aside with checkpoint.resume=false); a checkpoint resumes only under
+the config that wrote it; a full disk fails a save with the path and the bytes and removes the partial save; an
+unreadable latest checkpoint falls back to the one before; the family's conflicts fail from the model's config alone;
+data that is not text, or a broken JSON line, is refused naming the file (and the line). Real jobs on tiny models, a
+real subprocess for the command line, a real small filesystem (tmpfs) for the disk."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.test_distributed import build, mask_state, train
+from tests.test_jobs import compose_cfg, make_model, minilm_tokenizer
 from vtrans import checkpoint as ckpt
+from vtrans import pipeline as P
 from vtrans.checkpoint import Checkpointer, CheckpointError, FreeSpaceError
 from vtrans.engine import Engine
+from vtrans.jobs import run
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,8 +41,89 @@ def no_pending_requests():
     ckpt.clear_requests()
 
 
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny LLaMA (GQA) saved with the real MiniLM tokenizer, and real text (gensim's Lee corpus)."""
+    from gensim.test.utils import datapath
+
+    root = tmp_path_factory.mktemp("fault_assets")
+    tok = minilm_tokenizer()
+    make_model("llama", "lm", tok).save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    lee = [line.strip() for line in open(datapath("lee_background.cor")) if line.strip()]
+    (root / "lee.txt").write_text("\n".join(lee[:60]) + "\n")
+    (root / "lee_all.txt").write_text("\n".join(lee) + "\n")
+    return root
+
+
+def overrides(assets: Path, *extra, text: str = "lee.txt") -> list[str]:
+    return ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
+            f"data.source={assets / text}", "data.seq_len=32", "data.max_eval_blocks=6", "budget.count_embeddings=false",
+            "optim.steps=3", "optim.log_every=1", "progress=false", *extra]
+
+
+def prune(assets: Path, out: Path, *extra) -> dict:
+    return run(compose_cfg(overrides(assets, f"output_dir={out}", *extra)))
+
+
+def digest(path: Path) -> dict[str, str]:
+    """{relative file: sha256} of every file under `path` (a file: itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def no_model_loads(monkeypatch):
+    """Any attempt to load weights or read data fails the test: what is checked must fail before them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded / data was read before the check")
+
+    monkeypatch.setattr(P, "load_model", refuse)
+    monkeypatch.setattr(P.D, "load_documents", refuse)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# a checkpoint of another config
+# 1. a reused run directory
+
+
+@pytest.fixture(scope="module")
+def finished(assets, tmp_path_factory):
+    """A finished prune run (budget 0.8) and the fingerprint of its files."""
+    out = tmp_path_factory.mktemp("finished")
+    metrics = prune(assets, out)
+    return out, metrics
+
+
+@pytest.mark.parametrize("change,named", [
+    (["budget.target=0.5"], "budget.target: 0.8 -> 0.5"),
+    (["mask.structures=[neurons,heads]"],
+     'mask.structures: ["hidden", "heads", "attention", "neurons", "ffn"] -> ["neurons", "heads"]'),
+    (["eval.batch_size=4"], "eval.batch_size: 8 -> 4"),  # a finished run's metrics are not replaced either
+])
+def test_another_config_in_a_finished_run_dir_is_refused_before_the_model_loads(finished, assets, monkeypatch,
+                                                                                 change, named):
+    out, _ = finished
+    before = {**digest(out / "model"), **digest(out / "metrics.json"), **digest(out / "checkpoints")}
+    no_model_loads(monkeypatch)
+    with pytest.raises(P.OutputConflict, match="checkpoint.resume=false") as refused:
+        prune(assets, out, *change)
+    assert named in str(refused.value) and str(out) in str(refused.value)
+    assert {**digest(out / "model"), **digest(out / "metrics.json"), **digest(out / "checkpoints")} == before
+
+
+def test_another_job_may_not_write_over_a_run(finished, assets, monkeypatch):
+    out, _ = finished
+    no_model_loads(monkeypatch)
+    with pytest.raises(P.OutputConflict, match="job=evaluate would write its results over"):
+        run(compose_cfg(overrides(assets, f"output_dir={out}", "job=evaluate", f"model_dir={out / 'model'}")))
+
+
+def test_the_same_config_reruns_without_retraining(finished, assets, monkeypatch):
+    out, first = finished
+    model = digest(out / "model")
+    monkeypatch.setattr(Engine, "train_step", lambda *a: pytest.fail("trained again: the end checkpoint was not used"))
+    again = prune(assets, out)
+    assert again["ppl_pruned"] == first["ppl_pruned"] and again["final_loss"] == first["final_loss"]
+    assert digest(out / "model") == model
 
 
 def test_a_checkpoint_of_another_config_is_refused_on_restore(tmp_path):
@@ -43,8 +136,40 @@ def test_a_checkpoint_of_another_config_is_refused_on_restore(tmp_path):
               checkpointer=Checkpointer(tmp_path, fingerprint={"budget.target": 0.5, "mask.k": 10.0}))
 
 
+def test_resume_false_moves_the_earlier_run_aside(assets, tmp_path):
+    first = prune(assets, tmp_path)
+    kept = digest(tmp_path / "model")
+    second = prune(assets, tmp_path, "budget.target=0.5", "checkpoint.resume=false")
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert json.loads((previous / "metrics.json").read_text())["ppl_pruned"] == first["ppl_pruned"]
+    assert {k.replace("model", "model", 1): v for k, v in digest(previous / "model").items()} == kept
+    assert [p.name for p in Checkpointer(previous / "checkpoints").complete()] == ["step-00000003"]
+    assert json.loads((previous / "run.json").read_text())["config"]["budget.target"] == 0.8
+    assert second["budget_target"] == 0.5 and json.loads((tmp_path / "metrics.json").read_text())["budget_target"] == 0.5
+
+
+@pytest.mark.slow  # a subprocess: imports and loads again (~15-30 s)
+@pytest.mark.timeout(180)
+def test_launch_refuses_before_hydra_writes_into_the_run_dir(finished, assets):
+    """The user's command: `python launch.py ... hydra.run.dir=X budget.target=0.5` over a finished 0.8 run: exit 1
+    naming the change, the earlier run's .hydra/, log, model and metrics untouched."""
+    out, _ = finished
+    (out / ".hydra").mkdir(exist_ok=True)
+    (out / ".hydra" / "config.yaml").write_text("budget:\n  target: 0.8\n")
+    (out / "launch.log").write_text("the first run's log\n")
+    before = {**digest(out / ".hydra"), **digest(out / "launch.log"), **digest(out / "model"),
+              **digest(out / "metrics.json")}
+    r = subprocess.run([sys.executable, "launch.py", *overrides(assets, f"hydra.run.dir={out}", "budget.target=0.5")],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "budget.target: 0.8 -> 0.5" in r.stderr and "checkpoint.resume=false" in r.stderr
+    after = {**digest(out / ".hydra"), **digest(out / "launch.log"), **digest(out / "model"),
+             **digest(out / "metrics.json")}
+    assert after == before
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# a full disk
+# 2. a full disk
 
 
 @pytest.fixture
@@ -101,7 +226,7 @@ def test_a_save_the_disk_fills_during_is_removed_and_the_latest_stays(small_disk
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# corrupted checkpoints
+# 4. corrupted checkpoints
 
 
 def _three_checkpoints(root: Path) -> dict:
@@ -148,7 +273,28 @@ def test_no_readable_checkpoint_is_an_error_naming_the_directory(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data that is not what it claims
+# 5. conflicts the model family decides, found from the model's config alone
+
+
+def test_uniform_export_of_masked_heads_fails_before_data_or_weights(tmp_path, monkeypatch):
+    """The user's `model=minilm export_uniform=true`: refused after reading MiniLM's config.json."""
+    no_model_loads(monkeypatch)
+    with pytest.raises(ValueError, match="uniform export of a bert model can only prune FFN neurons"):
+        run(compose_cfg(["model=minilm", "export_uniform=true", f"output_dir={tmp_path}", "progress=false"]))
+    # the structures a uniform BERT export allows pass the check (and fail only at the stubbed loader)
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        run(compose_cfg(["model=minilm", "export_uniform=true", "mask.structures=[neurons,ffn]",
+                         f"output_dir={tmp_path}", "progress=false"]))
+
+
+def test_a_task_the_family_has_no_head_for_fails_from_its_config(tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
+    with pytest.raises(ValueError, match=r"model.task=causal_lm is supported for the model families \[.*'llama'"):
+        run(compose_cfg(["model=minilm", "model.task=causal_lm", f"output_dir={tmp_path}", "progress=false"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. data that is not what it claims
 
 
 def test_random_bytes_as_text_are_refused_naming_the_file(tmp_path):

@@ -1,9 +1,11 @@
 """The named stages every job is built from, each a function with explicit inputs and outputs:
 
-    load -> data -> attach -> warm start -> train -> decide -> materialise -> evaluate -> save
+    claim the output -> load -> data -> attach -> warm start -> train -> decide -> materialise -> evaluate -> save
 
 (`jobs/prune.py` runs them all; finetune, evaluate, export and probe use the ones they need). State that must
-survive a restart lives in the checkpoint (vtrans.checkpoint), not in these functions."""
+survive a restart lives in the checkpoint (vtrans.checkpoint), not in these functions. The stages fail early on what
+they can know early: the output directory before any model loads, the family's conflicts from the model's config
+alone."""
 from __future__ import annotations
 
 import contextlib
@@ -16,19 +18,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 
+from . import checkpoint as ckpt
 from . import data as D
 from .accounting import flops_per_token, model_numel, param_count
-from .config import Config, ModelConfig
+from .config import (TRAINING_FIELDS, Config, ModelConfig, fingerprint_changes, result_fingerprint,
+                     training_fingerprint)
 from .decision import DECISION_FILE, Decision
 from .evaluation import (classification_metrics, lm_eval_metrics, perplexity, qa_metrics, regression_metrics)
 from .log import rows_from_counts, rows_from_decision
 from .masks.attach import MaskedModel, MaskInit, attach_masks
-from .masks.decide import Budget, decide as fit_budget, decide_uniform
+from .masks.decide import Budget, decide as fit_budget, decide_uniform, uniform_conflicts
 from .masks.materialize import materialize
 from .masks.scoring import score_masks, warm_start as spread_scores
-from .models import save_pruned, shape_of, to_stock
-from .models.load import load_model, read_model_config
+from .models import family_of, save_pruned, shape_of, to_stock
+from .models.load import TASK_HEADS, load_model, read_model_config
 from .objectives import target_ratio
 
 log = logging.getLogger("vtrans")
@@ -57,12 +62,190 @@ def is_main_process() -> bool:
     return dist_env().is_main
 
 
+# ---------------------------------------------------------------------------------------------------------- claim
+
+RUN_RECORD = "run.json"  # the config of the run whose results the output directory holds
+RESULTS = ("metrics.json", "model")  # what a (finished or stopped) run leaves that another config must not replace
+# what a run writes in its output directory: moved together when checkpoint.resume=false sets an earlier run aside
+RUN_FILES = (RUN_RECORD, "metrics.json", "model", "structure.csv", "structure.png", "probe.csv", "probe.json",
+             "probe.png", "wandb")
+PREVIOUS = "previous"  # <output dir>/previous/<time>/: earlier runs set aside
+
+
+class OutputConflict(FileExistsError):
+    """The output directory holds the results or checkpoints of a run with another config."""
+
+
+def _read_record(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(out: Path, cfg: Config) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_RECORD}.tmp"
+    record = {"job": cfg.job, "config": result_fingerprint(cfg), "training": training_fingerprint(cfg)}
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(out / RUN_RECORD)
+
+
+def output_conflicts(cfg: Config, out: Path) -> str:
+    """Why running `cfg` into `out` would resume or replace another config's run ("" when it would not): its latest
+    checkpoint records another training fingerprint; or its metrics.json (a finished run) another result fingerprint
+    (run.json); or its model/ without metrics.json (a run stopped after saving it) another training fingerprint, so
+    that evaluation settings may change before the rerun; or results of unknown config. Names what is there and
+    each changed field (old -> new)."""
+    held, changes, unknown = [], [], []
+    checkpointer = ckpt.Checkpointer.from_config(cfg.checkpoint, out)
+    saved = checkpointer.saved_fingerprint()
+    if saved is not None:
+        path, old = saved
+        if cfg.job not in TRAINING_FIELDS:
+            return (f"{checkpointer.root} holds the training checkpoints of another job (latest {path.name}); "
+                    f"job={cfg.job} would write its results over that run's")
+        if old:
+            found = fingerprint_changes(old, training_fingerprint(cfg))
+            if found:
+                held.append(f"checkpoint {path}")
+                changes += found
+    present = [f"{name}/" if (out / name).is_dir() else name for name in RESULTS if (out / name).exists()]
+    if present:
+        record = _read_record(out)
+        if record is None:
+            unknown = present
+        else:
+            finished = (out / "metrics.json").exists()
+            if not finished and cfg.job in TRAINING_FIELDS and record.get("training"):
+                found = fingerprint_changes(record["training"], training_fingerprint(cfg))
+            else:
+                found = fingerprint_changes(record.get("config", {}), result_fingerprint(cfg))
+            if found:
+                held += present
+                changes += [c for c in found if c not in changes]
+    if unknown:
+        return f"{out} holds {' and '.join(unknown)} of a run whose config is unknown (no {RUN_RECORD})"
+    if changes:
+        return f"{out} holds {', '.join(held)} of a run with another config; changed: {'; '.join(changes)}"
+    return ""
+
+
+def set_aside(cfg: Config, out: Path, extra: tuple = ()) -> Path | None:
+    """Move an earlier run's files (RUN_FILES and `extra` names in `out`, and its checkpoints) to
+    <out>/previous/<time>/; checkpoints kept outside `out` (checkpoint.dir) move beside themselves. Returns where."""
+    import time
+
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
+    names = [n for n in (*RUN_FILES, *extra) if (out / n).exists()]
+    inside = root.exists() and root.resolve().is_relative_to(out.resolve())
+    if not names and not root.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out / PREVIOUS / stamp
+    for k in itertools.count(1):
+        if not dest.exists():
+            break
+        dest = out / PREVIOUS / f"{stamp}-{k}"
+    dest.mkdir(parents=True)
+    for name in names:
+        (out / name).replace(dest / name)
+    elsewhere = ""
+    if root.exists():
+        if inside:
+            target = dest / root.resolve().relative_to(out.resolve())
+            target.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            target = root.with_name(f"{root.name}.previous-{dest.name}")
+            elsewhere = f" (its checkpoints to {target})"
+        root.replace(target)
+    log.warning("checkpoint.resume=false: the earlier run in %s was moved to %s%s; this run starts afresh", out, dest,
+                elsewhere)
+    return dest
+
+
+def claim_output(cfg: Config, out: Path, extra: tuple = ()) -> None:
+    """The first stage of every job, before any model loads: the output directory must not hold another config's
+    run. With checkpoint.resume=true (default) a run of the same config resumes / is redone, and one of another
+    config is an error naming the differing fields (old -> new); with checkpoint.resume=false any earlier run there is
+    moved aside (`set_aside`) and this one starts afresh. Rank 0 then records this run's config in run.json."""
+    main = is_main_process()
+    if cfg.checkpoint.resume:
+        problem = output_conflicts(cfg, out)
+        if problem:
+            raise OutputConflict(
+                f"refusing to resume or overwrite another run: {problem}. Choose another output_dir "
+                "(hydra.run.dir), or set checkpoint.resume=false to move the earlier run to "
+                f"{out / PREVIOUS}/<time>/ and start afresh")
+    elif main:
+        set_aside(cfg, out, extra)
+    if main:
+        _write_record(out, cfg)
+
+
+def _hydra_output_dir(config) -> Path | None:
+    from omegaconf import OmegaConf
+
+    if config.get("output_dir"):
+        return Path(config.output_dir)
+    run_dir = OmegaConf.select(config, "hydra.run.dir")
+    return Path(run_dir) if run_dir else None
+
+
+class ClaimOutputCallback(Callback):
+    """`claim_output` of a single run before Hydra writes .hydra/ and opens its log in the run directory, so that a
+    refused run (exit code 1, the reason on stderr) leaves an earlier run's .hydra/ and log intact, and
+    checkpoint.resume=false sets them aside too (the job claims again; by then nothing is left to move)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from omegaconf import open_dict
+
+        from .config import load_config
+
+        try:
+            out = _hydra_output_dir(config)
+            task = copy.deepcopy(config)
+            with open_dict(task):
+                del task["hydra"]  # what the job is given: hydra.job.* resolves only in the job
+            cfg = load_config(task)
+        except Exception as e:  # noqa: BLE001 - e.g. ${hydra:...} values resolve only in the job: it claims there
+            log.debug("output claim deferred to the job: %s", e)
+            return
+        if out is None or not out.exists():
+            return
+        if cfg.checkpoint.resume:
+            try:
+                claim_output(cfg, out)
+            except OutputConflict as e:  # Hydra turns a callback's exceptions into warnings and goes on
+                raise SystemExit(f"Error: {e}") from e
+        elif is_main_process():
+            set_aside(cfg, out, extra=(".hydra", *(p.name for p in out.glob("*.log"))))
+
+
 # ---------------------------------------------------------------------------------------------------------- load
 
 
 def dir_model_config(cfg: Config, path: str | Path) -> ModelConfig:
     """The ModelConfig of a saved model directory, with the configured task, labels and dtype."""
     return replace(cfg.model, package="", name_or_path=str(path), subdir="", gguf_file="")
+
+
+def read_config(cfg: Config, model_cfg: ModelConfig | None = None):
+    """The load stage's first half: the model's config alone (no weights), checked against what its family decides
+    (read_model_config: the family and its task heads; here: a uniform stock export of the masked structures), so
+    such conflicts fail before any data is read or any weights load."""
+    model_cfg = model_cfg or cfg.model
+    config = read_model_config(model_cfg)
+    if cfg.export_uniform and cfg.job == "prune":
+        family = family_of(config)
+        head = TASK_HEADS[model_cfg.task]
+        if head not in family.stock_models:
+            raise ValueError(f"export_uniform=true: stock {family.name} models have no {model_cfg.task} class; "
+                             "use export_uniform=false")
+        conflict = uniform_conflicts(family, cfg.mask.structures)
+        if conflict:
+            raise ValueError(f"export_uniform=true with mask.structures={list(cfg.mask.structures)}: {conflict}")
+    return config
 
 
 def load(model_cfg: ModelConfig, eager: bool = False, config=None):

@@ -1,6 +1,6 @@
 """Jobs: each is `run(cfg, out) -> metrics`, built from the stages in vtrans.pipeline; `run` here validates the
-config, dispatches on `job`, picks the job's objective (the metric sweeps optimise and plot) and writes metrics.json
-on rank 0."""
+config, claims the output directory (refusing another config's run there), dispatches on `job`, picks the job's
+objective (the metric sweeps optimise and plot) and writes metrics.json on rank 0."""
 from __future__ import annotations
 
 import importlib
@@ -9,18 +9,18 @@ import logging
 import math
 
 from ..config import load_config
-from ..pipeline import is_main_process, output_dir, set_objective
+from ..pipeline import claim_output, is_main_process, output_dir, set_objective
 
 log = logging.getLogger("vtrans")
 
 
 def run(cfg) -> dict:
-    """Validate the config (before any model is loaded), run the chosen job, write metrics.json (rank 0)."""
+    """Validate the config and claim the output directory (before any model is loaded), run the chosen job, write
+    metrics.json (rank 0)."""
     cfg = load_config(cfg)
     out = output_dir(cfg)
     main = is_main_process()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    claim_output(cfg, out)
     job = importlib.import_module(f"{__name__}.{cfg.job}").run
     metrics = job(cfg, out)
     metrics.setdefault("job", cfg.job)

@@ -50,13 +50,14 @@ def run(cfg: Config, out: Path) -> dict:
         return {"skipped": "not rank 0"}
     t0 = time.perf_counter()
     src = Path(cfg.model_dir)
-    model, tokenizer = P.load(P.dir_model_config(cfg, str(src)))
-    config = model.config
+    source_cfg = P.dir_model_config(cfg, str(src))
+    config = P.read_config(cfg, source_cfg)  # the config alone: a shape with no stock equivalent fails before loading
     pruned_format = is_pruned(config)  # else already stock (e.g. pruned with export_uniform=true)
     problems = family_of(config).uniform_problems(config) if cfg.export_uniform and pruned_format else []
     if problems:
         raise ValueError(f"export_uniform=true but {src} has no stock equivalent: " + "; ".join(problems)
                          + ". Export with export_uniform=false (loads with trust_remote_code=True).")
+    model, tokenizer = P.load(source_cfg, config=config)
     dest = out / "model"
     if dest.exists():
         shutil.rmtree(dest)

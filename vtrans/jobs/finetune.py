@@ -13,7 +13,7 @@ import torch
 
 from .. import pipeline as P
 from ..checkpoint import Checkpointer, batch_stream
-from ..config import Config
+from ..config import Config, training_fingerprint
 from ..engine import fit, make_engine
 from ..log import RunLogger, write_structure
 from ..pruning import DistillModule
@@ -52,7 +52,8 @@ def run(cfg: Config, out: Path) -> dict:
     t_train = time.perf_counter()
     history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
                   cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
-                  desc="finetune", checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
+                  desc="finetune",
+                  checkpointer=Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg)))
     engine.consolidate()  # ZeRO-3: gather the trained shards back in full before evaluating and saving
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]

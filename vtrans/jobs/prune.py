@@ -1,4 +1,5 @@
-"""The prune job, as its stages (vtrans.pipeline): load -> data -> attach -> evaluate the dense model -> warm start
+"""The prune job, as its stages (vtrans.pipeline): load (the model's config first: the family's conflicts fail
+here) -> data -> attach -> evaluate the dense model -> warm start
 -> train the masks (VTrans / Fast-VTrans / Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget
 -> materialise -> evaluate the pruned model -> save it and its metrics."""
 from __future__ import annotations
@@ -13,12 +14,11 @@ import torch
 from .. import pipeline as P
 from ..accounting import flops_per_token, model_numel, param_count
 from ..checkpoint import Checkpointer, batch_stream
-from ..config import Config
+from ..config import Config, training_fingerprint
 from ..engine import fit, make_engine
 from ..log import RunLogger, rows_from_decision
 from ..masks.decide import check_reachable
 from ..models import shape_of
-from ..models.load import read_model_config
 from ..pruning import PruningModule
 
 log = logging.getLogger("vtrans")
@@ -28,8 +28,8 @@ def run(cfg: Config, out: Path) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.optim.seed)
     mask, optim = cfg.mask, cfg.optim
-    # load: the family is checked from the config alone, before any weights are read
-    model, tokenizer = P.load(cfg.model, config=read_model_config(cfg.model))
+    # load: the family and its conflicts are checked from the config alone, before any weights or data are read
+    model, tokenizer = P.load(cfg.model, config=P.read_config(cfg))
     data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast")
     teacher = P.frozen_teacher(cfg, model)
     mm = P.attach(cfg, model)
@@ -46,7 +46,7 @@ def run(cfg: Config, out: Path) -> dict:
 
     if mask.method == "vib":
         t_init = time.perf_counter()
-        checkpointer = Checkpointer.from_config(cfg.checkpoint, out)
+        checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
         resuming = checkpointer.resume and checkpointer.latest() is not None  # the restored masks replace any start
         if mask.init_from and not resuming:
             P.warm_start(cfg, mm, data.train)

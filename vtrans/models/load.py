@@ -10,6 +10,7 @@ import torch
 from .common import FAMILIES
 
 
+TASK_HEADS = {"causal_lm": "lm", "sequence_classification": "cls", "question_answering": "qa"}  # Family heads
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,9 +54,10 @@ def read_model_config(model_cfg):
     source, kwargs = resolve_model_source(model_cfg)
     config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     family = family_of(config)
-    if model_cfg.task == "question_answering" and "qa" not in family.pruned_models:
-        qa = sorted(f.name for f in FAMILIES.values() if "qa" in f.pruned_models)
-        raise ValueError(f"model.task=question_answering is supported for the model families {qa}; "
+    head = TASK_HEADS[model_cfg.task]
+    if head not in family.pruned_models:
+        able = sorted(f.name for f in FAMILIES.values() if head in f.pruned_models)
+        raise ValueError(f"model.task={model_cfg.task} is supported for the model families {able}; "
                          f"{model_cfg.name_or_path or model_cfg.package!r} is a {family.name!r} model")
     return config
 
