@@ -1,9 +1,10 @@
 """Faults and bad inputs end in a clear error or a correct result, and nothing is lost: a run directory of another
-config is refused before any model loads (or set aside with checkpoint.resume=false); a checkpoint resumes only under
-the config that wrote it; a full disk fails a save with the path and the bytes and removes the partial save; an
-unreadable latest checkpoint falls back to the one before; the family's conflicts fail from the model's config alone;
-data that is not text, or a broken JSON line, is refused naming the file (and the line). Real jobs on tiny models, a
-real subprocess for the command line, a real small filesystem (tmpfs) for the disk."""
+config is refused before any model loads (or set aside with checkpoint.resume=false); a full disk fails a save with
+the path and the bytes, removes the partial save and never costs the pruned model; SIGINT / SIGTERM stop every stage
+of every job with the signal's exit code, after saving what training needs; an unreadable latest checkpoint falls
+back to the one before; the family's conflicts fail from the model's config alone; data that is not text, or a broken
+JSON line, is refused naming the file (and the line). Real jobs on tiny models, real subprocesses and signals, a real
+small filesystem (tmpfs) where the behaviour is about them."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,11 @@ import logging
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +27,7 @@ from tests.test_distributed import build, mask_state, train
 from tests.test_jobs import compose_cfg, make_model, minilm_tokenizer
 from vtrans import checkpoint as ckpt
 from vtrans import pipeline as P
-from vtrans.checkpoint import Checkpointer, CheckpointError, FreeSpaceError
+from vtrans.checkpoint import Checkpointer, CheckpointError, FreeSpaceError, Stopped
 from vtrans.engine import Engine
 from vtrans.jobs import run
 
@@ -169,7 +173,7 @@ def test_launch_refuses_before_hydra_writes_into_the_run_dir(finished, assets):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. a full disk
+# 3. a full disk
 
 
 @pytest.fixture
@@ -225,8 +229,210 @@ def test_a_save_the_disk_fills_during_is_removed_and_the_latest_stays(small_disk
     assert not list((disk / "ckpt").glob(".tmp-*"))
 
 
+def test_a_full_disk_at_the_end_checkpoint_keeps_the_pruned_model(assets, finished, small_disk, caplog):
+    """Room for the model but not for the end-of-training checkpoint and the model: the checkpoint is skipped with a
+    warning, the model and metrics are written, nothing partial is left."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(assets / "llama")
+    model_room = P.model_bytes(dense)
+    roomy, probe = finished  # the same run on a roomy disk: its end checkpoint's real size
+    end = sum(f.stat().st_size for f in (roomy / "checkpoints").rglob("*") if f.is_file())
+    disk = small_disk(model_room + end // 2)
+    with caplog.at_level(logging.WARNING, logger="vtrans"):
+        m = prune(assets, disk / "run")
+    assert "end checkpoint not saved" in caplog.text and "not enough disk space" in caplog.text
+    assert (disk / "run" / "metrics.json").is_file() and (disk / "run" / "model" / "config.json").is_file()
+    assert m["ppl_pruned"] == probe["ppl_pruned"]
+    assert not list((disk / "run").rglob(".tmp-*")) and not Checkpointer(disk / "run" / "checkpoints").complete()
+
+
+def test_a_model_that_does_not_fit_fails_naming_the_path_and_leaves_nothing_partial(assets, small_disk):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "llama")
+    tok = AutoTokenizer.from_pretrained(assets / "llama")
+    disk = small_disk(P.model_bytes(model) // 2)
+    with pytest.raises(FreeSpaceError, match=rf"to save the model to {disk}: needs about .* free"):
+        P.save_model(model, tok, disk / "model")
+    assert not list(disk.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 4. corrupted checkpoints
+# 4. signals
+
+
+def test_stop_signals_set_a_flag_with_their_exit_code_and_abort_where_nothing_is_to_save():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        ckpt.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGINT)  # only a flag: training saves at its next step boundary
+        assert ckpt.signal_requests() == (False, True) and ckpt.stop_signal() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(Stopped) as stopped:
+            ckpt.check_stop()
+        assert stopped.value.code == 130 and ckpt.stop_signal() == 0
+        with pytest.raises(Stopped) as stopped:  # loading / tokenising: nothing to save, stop at once
+            with ckpt.abortable():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+                pytest.fail("the stop did not interrupt the abortable region")
+        assert stopped.value.code == 143
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+class Launched:
+    """A `python launch.py ...` subprocess whose output is read as it comes (tqdm redraws with \\r, not lines)."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.output = b""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):
+            self.output += chunk
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def wait_for(self, marker: str, timeout: float = 120) -> None:
+        end = time.monotonic() + timeout
+        while marker not in self.text:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.proc.kill()
+                raise AssertionError(f"{marker!r} never appeared:\n{self.text[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self, signum: int, timeout: float) -> tuple[int, float]:
+        """Send `signum`; (exit code, seconds it took to exit)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running {timeout} s after {signal.Signals(signum).name}:\n{self.text[-3000:]}")
+        self._reader.join(5)
+        return code, time.monotonic() - t0
+
+
+# ~5,000 one-block batches of held-out text: an evaluation of many seconds even on a tiny model
+LONG_EVALUATION = ("data.heldout_fraction=0.9", "data.max_eval_blocks=0", "data.seq_len=16", "eval.batch_size=1",
+                   "progress=true")
+
+
+@pytest.mark.slow  # a subprocess: imports and loads again (~15-30 s)
+@pytest.mark.timeout(240)
+def test_sigterm_during_an_evaluate_job_exits_143_within_a_batch(assets, tmp_path):
+    job = Launched(overrides(assets, f"hydra.run.dir={tmp_path}", "job=evaluate", *LONG_EVALUATION,
+                             text="lee_all.txt"))
+    job.wait_for("evaluate (perplexity):")
+    code, seconds = job.stop(signal.SIGTERM, timeout=30)
+    assert code == 143, job.text[-3000:]
+    assert seconds < 10 and "stopped by SIGTERM" in job.text
+    assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_during_the_dense_evaluation_exits_143_within_a_batch(assets, tmp_path):
+    job = Launched(overrides(assets, f"hydra.run.dir={tmp_path}", *LONG_EVALUATION, text="lee_all.txt"))
+    job.wait_for("dense (perplexity):")
+    code, seconds = job.stop(signal.SIGTERM, timeout=30)
+    assert code == 143 and seconds < 10, job.text[-3000:]
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_during_training_saves_and_a_rerun_ends_with_the_identical_model(assets, tmp_path):
+    """Ctrl-C (SIGINT) with the default checkpoint.every=0: the step finishes, a checkpoint is saved, exit 130; the
+    rerun resumes there and ends with the same model, bit for bit, as an uninterrupted run."""
+    steps = ["optim.steps=20"]
+    reference = prune(assets, tmp_path / "reference", *steps)
+    job = Launched(overrides(assets, f"hydra.run.dir={tmp_path / 'run'}", "progress=true", *steps))
+    job.wait_for("faster-vtrans:")
+    code, _ = job.stop(signal.SIGINT, timeout=60)
+    assert code == 130, job.text[-3000:]
+    saved = Checkpointer(tmp_path / "run" / "checkpoints").latest()
+    assert saved is not None and 0 < int(saved.name.split("-")[1]) < 20
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    resumed = prune(assets, tmp_path / "run", *steps)
+    for key in ("final_loss", "ppl_pruned", "shape_pruned", "params_pruned"):
+        assert resumed[key] == reference[key], key
+    ours = digest(tmp_path / "run" / "model")
+    theirs = digest(tmp_path / "reference" / "model")
+    assert {Path(k).name: v for k, v in ours.items()} == {Path(k).name: v for k, v in theirs.items()}
+
+
+def _stop_at_last_step(monkeypatch, steps: int):
+    real = Engine.train_step
+
+    def step(self, micro, i):
+        if i == steps - 1:
+            ckpt.request_stop(signal.SIGINT)
+        return real(self, micro, i)
+
+    monkeypatch.setattr(Engine, "train_step", step)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    return prune(assets, out), digest(out / "model")
+
+
+def _same_run(metrics: dict, model: dict, reference) -> None:
+    ref_metrics, ref_model = reference
+    for key in ("final_loss", "ppl_pruned", "ppl_dense", "shape_pruned"):
+        assert metrics[key] == ref_metrics[key], key
+    assert {Path(k).name: v for k, v in model.items()} == {Path(k).name: v for k, v in ref_model.items()}
+
+
+@pytest.mark.parametrize("where", ["after training", pytest.param("warm start", marks=pytest.mark.slow),
+                                   pytest.param("dense evaluation", marks=pytest.mark.slow), "pruned evaluation"])
+def test_a_stop_in_any_stage_exits_with_its_code_and_a_rerun_finishes(assets, tmp_path, monkeypatch, reference,
+                                                                      where):
+    """A stop (as by SIGINT) in each stage of the prune job: the job ends with 130; the rerun ends with the
+    uninterrupted run's model. A stop after training, or during the pruned model's evaluation, leaves the end
+    checkpoint: the rerun does not train again."""
+    real_score, real_ppl = P.score_masks, P.perplexity
+    if where == "after training":
+        _stop_at_last_step(monkeypatch, 3)
+    elif where == "warm start":
+        monkeypatch.setattr(P, "score_masks", lambda *a, **k: (ckpt.request_stop(signal.SIGINT), real_score(*a, **k)))
+    else:
+        from vtrans.models import is_pruned
+
+        def perplexity(model, *a, **k):  # a signal arriving while the stage evaluates
+            if is_pruned(model.config) == (where == "pruned evaluation"):
+                ckpt.request_stop(signal.SIGINT)
+            return real_ppl(model, *a, **k)
+        monkeypatch.setattr(P, "perplexity", perplexity)
+    with pytest.raises(Stopped) as stopped:
+        prune(assets, tmp_path)
+    assert stopped.value.code == 130
+    assert not (tmp_path / "metrics.json").exists()
+    assert (tmp_path / "model").exists() == (where == "pruned evaluation")  # saved before it is evaluated
+    monkeypatch.undo()
+    trained = where in ("after training", "pruned evaluation")
+    if trained:
+        assert Checkpointer(tmp_path / "checkpoints").latest().name == "step-00000003"
+        monkeypatch.setattr(Engine, "train_step", lambda *a: pytest.fail("trained again"))
+    # evaluation settings may change before the rerun (here one that leaves every metric as it was)
+    metrics = prune(assets, tmp_path, *(["eval.primary=ppl"] if where == "pruned evaluation" else []))
+    _same_run(metrics, digest(tmp_path / "model"), reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. corrupted checkpoints
 
 
 def _three_checkpoints(root: Path) -> dict:
@@ -273,7 +479,7 @@ def test_no_readable_checkpoint_is_an_error_naming_the_directory(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. conflicts the model family decides, found from the model's config alone
+# 6. conflicts the model family decides, found from the model's config alone
 
 
 def test_uniform_export_of_masked_heads_fails_before_data_or_weights(tmp_path, monkeypatch):
@@ -294,7 +500,7 @@ def test_a_task_the_family_has_no_head_for_fails_from_its_config(tmp_path, monke
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. data that is not what it claims
+# 7. data that is not what it claims
 
 
 def test_random_bytes_as_text_are_refused_naming_the_file(tmp_path):

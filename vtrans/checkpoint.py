@@ -1,11 +1,14 @@
-"""Checkpoints of a training run and resuming from them. A checkpoint is a directory `step-NNNNNNNN` holding the
-engine's state (weights, masks, multipliers, optimizer; DeepSpeed's own format under DeepSpeed), every rank's RNG
-states, the data position and the training fingerprint of the config that wrote it; it is written to a temporary
-directory (after checking the disk has room for it), fsynced and renamed, then the `latest` pointer is replaced
-atomically, so a kill or a full disk at any moment leaves the latest checkpoint readable. A checkpoint resumes only
-under the same training fingerprint; an unreadable latest one falls back to the one before. SIGTERM / SIGUSR1
-handlers only set a flag (except inside an `abortable()` region, where there is nothing to save): the training loop
-saves at the next step boundary (and stops after SIGTERM)."""
+"""Checkpoints of a training run and resuming from them, and what stops a job. A checkpoint is a directory
+`step-NNNNNNNN` holding the engine's state (weights, masks, multipliers, optimizer; DeepSpeed's own format under
+DeepSpeed), every rank's RNG states, the data position and the training fingerprint of the config that wrote it; it is
+written to a temporary directory (after checking the disk has room for it), fsynced and renamed, then the `latest`
+pointer is replaced atomically, so a kill or a full disk at any moment leaves the latest checkpoint readable. A
+checkpoint resumes only under the same training fingerprint; an unreadable latest one falls back to the one before.
+
+Signals: SIGTERM and SIGINT ask the job to stop (at the next step boundary in training, after saving; at the next
+forward call or stage boundary elsewhere) and it exits 128 + the signal number (143, 130); a second SIGINT aborts at
+once. SIGUSR1 asks for a checkpoint at the next step boundary. The handlers only set flags, except inside an
+`abortable()` region (loading, tokenising: nothing to save), where the stop is raised at once."""
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +37,7 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 # ------------------------------------------------------------------------------------------------ signals
 
-STOP_SIGNALS = (signal.SIGTERM,)  # preemption / scancel: save if training, then end the job
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption / scancel / Ctrl-C: save if training, then end the job
 SAVE_SIGNALS = (signal.SIGUSR1,)  # the time-limit warning (--signal=B:USR1@120) or a manual request: save, go on
 _requests = {"save": False, "stop": 0}  # stop: the number of the signal that asked (0: none)
 _abortable = [0]  # depth of abortable() regions
@@ -71,8 +74,8 @@ def _on_signal(signum, frame) -> None:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM -> stop (training saves at the next step boundary first); SIGUSR1 -> save at the next step boundary
-    and go on."""
+    """SIGTERM / SIGINT -> stop (training saves at the next step boundary first); SIGUSR1 -> save at the next step
+    boundary and go on."""
     for sig in STOP_SIGNALS + SAVE_SIGNALS:
         signal.signal(sig, _on_signal)
 

@@ -1,19 +1,22 @@
 """The named stages every job is built from, each a function with explicit inputs and outputs:
 
-    claim the output -> load -> data -> attach -> warm start -> train -> decide -> materialise -> evaluate -> save
+    claim the output -> load -> data -> attach -> warm start -> train -> decide -> materialise -> save -> evaluate
 
 (`jobs/prune.py` runs them all; finetune, evaluate, export and probe use the ones they need). State that must
 survive a restart lives in the checkpoint (vtrans.checkpoint), not in these functions. The stages fail early on what
-they can know early: the output directory before any model loads, the family's conflicts from the model's config
-alone."""
+they can know early (the output directory before any model loads, the family's conflicts from the model's config
+alone) and obey a stop signal: loading and tokenising end at once, every forward call of a model under `progress` /
+`stop_checks` checks the stop flag."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import itertools
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -235,7 +238,8 @@ def read_config(cfg: Config, model_cfg: ModelConfig | None = None):
     (read_model_config: the family and its task heads; here: a uniform stock export of the masked structures), so
     such conflicts fail before any data is read or any weights load."""
     model_cfg = model_cfg or cfg.model
-    config = read_model_config(model_cfg)
+    with ckpt.abortable():
+        config = read_model_config(model_cfg)
     if cfg.export_uniform and cfg.job == "prune":
         family = family_of(config)
         head = TASK_HEADS[model_cfg.task]
@@ -249,8 +253,10 @@ def read_config(cfg: Config, model_cfg: ModelConfig | None = None):
 
 
 def load(model_cfg: ModelConfig, eager: bool = False, config=None):
-    """(model, tokenizer) of a configured model or a saved (pruned) directory, in eval mode."""
-    model, tokenizer = load_model(model_cfg, config)
+    """(model, tokenizer) of a configured model or a saved (pruned) directory, in eval mode. A stop signal while
+    loading ends the job at once (nothing to save yet)."""
+    with ckpt.abortable():
+        model, tokenizer = load_model(model_cfg, config)
     if eager:  # attention weights are only returned by the eager implementation
         model.set_attn_implementation("eager")
     return model.eval(), tokenizer
@@ -284,6 +290,11 @@ def documents(cfg: Config, train_fraction: float | None = None) -> tuple[list, l
     """(train documents, evaluation documents), for every job alike. Without data.eval_source the evaluation
     documents are a held-out split of data.source (data.folds / heldout_fraction, same seed); with it, all of
     data.source trains. `train_fraction` (default data.train_fraction) subsamples the training part."""
+    with ckpt.abortable():  # reading and splitting: nothing to save yet
+        return _documents(cfg, train_fraction)
+
+
+def _documents(cfg: Config, train_fraction: float | None) -> tuple[list, list]:
     dc = cfg.data
     if cfg.model.task == "question_answering":  # held-out questions never share an article / passage with training
         train = qa_examples(dc.source, dc)
@@ -313,6 +324,11 @@ def qa_examples(source: str, dc) -> list[D.QAExample]:
 
 def task_data(cfg: Config, tokenizer, docs: list, training: bool = False):
     """LM token blocks [N, seq_len], ClassificationData, or QA features, for the configured task."""
+    with ckpt.abortable():  # tokenising: nothing to save
+        return _task_data(cfg, tokenizer, docs, training)
+
+
+def _task_data(cfg: Config, tokenizer, docs: list, training: bool):
     dc = cfg.data
     if cfg.model.task == "causal_lm":
         limit = (dc.max_train_blocks if training else dc.max_eval_blocks) or None
@@ -403,7 +419,8 @@ def warm_start(cfg: Config, mm: MaskedModel, train) -> float:
 
     t0 = time.perf_counter()
     method = cfg.mask.init_from if cfg.mask.method == "vib" else cfg.mask.method
-    score_masks(mm, method, calibration(train, cfg), seed=cfg.optim.seed)
+    with stop_checks(mm.model):
+        score_masks(mm, method, calibration(train, cfg), seed=cfg.optim.seed)
     if cfg.mask.method == "vib":
         spread_scores(mm, cfg.mask.init_spread)
         log.info("masks warm-started from %s scores (spread %g) in %.1f s", method, cfg.mask.init_spread,
@@ -469,8 +486,23 @@ def check_budget(model, budget: Budget, target: float) -> None:
 
 
 @contextlib.contextmanager
+def stop_checks(model):
+    """Every forward call of `model` first checks the stop flag (vtrans.checkpoint.check_stop): a job evaluating,
+    scoring or probing obeys SIGTERM / SIGINT within one batch, without the metric code knowing."""
+    def check(module, args):  # returns None: a pre-hook's return value would replace the inputs
+        ckpt.check_stop()
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def progress(model, total: int | None, desc: str, enabled: bool, postfix: dict | None = None):
-    """A tqdm bar (ETA included) advanced by every forward call of `model`; shown on rank 0 when enabled."""
+    """A tqdm bar (ETA included) advanced by every forward call of `model`, shown on rank 0 when enabled; each call
+    checks the stop flag first (`stop_checks`)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=not (enabled and is_main_process()))
@@ -482,7 +514,8 @@ def progress(model, total: int | None, desc: str, enabled: bool, postfix: dict |
 
     handle = model.register_forward_hook(advance)
     try:
-        yield bar
+        with stop_checks(model):
+            yield bar
     finally:
         handle.remove()
         bar.close()
@@ -511,7 +544,8 @@ def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eva
         metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
                    "eval_window": r["window"] or dc.seq_len, "eval_stride": r["stride"] or dc.seq_len}
         if lm_eval:
-            metrics.update(lm_eval_metrics(model, tokenizer, ec))
+            with stop_checks(model):
+                metrics.update(lm_eval_metrics(model, tokenizer, ec))
         return metrics
     if cfg.model.task == "sequence_classification":
         with progress(model, math.ceil(len(data) / ec.batch_size), desc, cfg.progress, size):
@@ -548,19 +582,60 @@ def structure_rows(model, dense=None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- save
 
 
+SAVE_OVERHEAD = 16 * 2 ** 20  # tokenizer, config and modeling files beside the weights (bytes, generous)
+
+
+def model_bytes(model) -> int:
+    """About how many bytes a saved copy of `model` takes (its weights in their dtype, plus SAVE_OVERHEAD)."""
+    return ckpt.tensor_bytes(model.state_dict().values()) + SAVE_OVERHEAD
+
+
+@contextlib.contextmanager
+def writing_dir(target: Path, needed: int, what: str):
+    """Yields a temporary directory beside `target` that replaces it once the block has written it whole: checks
+    first that `needed` bytes are free (FreeSpaceError naming the path, bytes needed and free); a block that fails
+    removes the temporary directory and leaves `target` as it was."""
+    target = Path(target)
+    ckpt.check_free_space(target.parent, needed, what)
+    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.exists():
+            target.replace(old)
+        tmp.replace(target)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            free = ckpt.size_text(ckpt.free_bytes(target))
+            raise ckpt.FreeSpaceError(f"writing {what} to {target} failed ({e}); {free} free now; the partial copy "
+                                      "was removed") from e
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk, as Python (ENOSPC) or torch's zip writer ("unexpected pos") reports it."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space left" in str(e)
+
+
 def save_model(model, tokenizer, model_dir: Path, decision: Decision | None = None) -> None:
     """The save stage (rank 0): a vtrans pruned model in its self-contained format (modeling files + auto_map), a
-    stock model with save_pretrained; the tokenizer; the decision beside it (read by the probe job)."""
+    stock model with save_pretrained; the tokenizer; the decision beside it (read by the probe job). Written whole
+    or not at all (`writing_dir`), after checking the disk has room."""
     from .models import is_pruned
 
     model_dir = Path(model_dir)
-    if is_pruned(model.config):
-        save_pruned(model, model_dir)
-    else:
-        model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    if decision is not None:
-        (model_dir / DECISION_FILE).write_text(json.dumps(decision.record()))
+    with writing_dir(model_dir, model_bytes(model), "the model") as tmp:
+        if is_pruned(model.config):
+            save_pruned(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if decision is not None:
+            (tmp / DECISION_FILE).write_text(json.dumps(decision.record()))
 
 
 def set_objective(cfg: Config, metrics: dict) -> None:

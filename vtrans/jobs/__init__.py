@@ -9,6 +9,7 @@ import logging
 import math
 
 from ..config import load_config
+from ..checkpoint import Stopped, check_stop
 from ..pipeline import claim_output, is_main_process, output_dir, set_objective
 
 log = logging.getLogger("vtrans")
@@ -21,8 +22,13 @@ def run(cfg) -> dict:
     out = output_dir(cfg)
     main = is_main_process()
     claim_output(cfg, out)
+    check_stop()
     job = importlib.import_module(f"{__name__}.{cfg.job}").run
-    metrics = job(cfg, out)
+    try:
+        metrics = job(cfg, out)
+    except Stopped as e:
+        log.warning("%s: %s", cfg.job, e)  # the exit code alone does not say why the job ended
+        raise
     metrics.setdefault("job", cfg.job)
     set_objective(cfg, metrics)
     if main:

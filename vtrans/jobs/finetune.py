@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import pipeline as P
-from ..checkpoint import Checkpointer, batch_stream
+from ..checkpoint import Checkpointer, batch_stream, check_stop
 from ..config import Config, training_fingerprint
 from ..engine import fit, make_engine
 from ..log import RunLogger, write_structure
@@ -42,6 +42,8 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["params_ratio"] = metrics["params"] / metrics["params_dense"]
     for k, v in P.evaluate(student, tokenizer, cfg, data.held, "before finetune").items():
         metrics[f"{k}_before" if not k.startswith("eval_") else k] = v
+    check_stop()
+    model_room = P.model_bytes(student)  # read before ZeRO-3 shards it
 
     module = DistillModule(student, teacher, cfg.model.task, dc.task_weight, dc.logit_weight, dc.temperature,
                            metrics.get("params_ratio", 1.0))
@@ -49,16 +51,21 @@ def run(cfg: Config, out: Path) -> dict:
     engine = make_engine(module, [{"name": "weights", "params": params, "lr": ft.lr,
                                    "weight_decay": cfg.optim.weight_decay}], cfg)
     train = data.train.tensors() if hasattr(data.train, "tensors") else data.train  # dicts of tensors (QA too)
+    checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
     t_train = time.perf_counter()
     history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
                   cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
-                  desc="finetune",
-                  checkpointer=Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg)))
+                  desc="finetune", checkpointer=checkpointer, end_reserve=model_room)
     engine.consolidate()  # ZeRO-3: gather the trained shards back in full before evaluating and saving
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]
     metrics["train_tokens"] = ft.steps * cfg.optim.grad_accum * ft.batch_size * cfg.data.seq_len
     student.eval()
+    check_stop()
+    if P.is_main_process():  # saved before it is evaluated
+        model_dir = out / "model"
+        P.save_model(student, tokenizer, model_dir)
+        metrics["model_dir"] = str(model_dir)
     for k, v in P.evaluate(student, tokenizer, cfg, data.held, "after finetune").items():
         if not k.startswith("eval_"):
             metrics[f"{k}_after"] = v
@@ -66,9 +73,6 @@ def run(cfg: Config, out: Path) -> dict:
     rows = P.structure_rows(student, dense)
     logger.structure(rows, "structure of the fine-tuned model")
     if P.is_main_process():
-        model_dir = out / "model"
-        P.save_model(student, tokenizer, model_dir)
-        metrics["model_dir"] = str(model_dir)
         metrics.update(write_structure(rows, out, "structure of the fine-tuned model"))
     metrics["wall_time_s"] = time.perf_counter() - t0
     P.set_objective(cfg, metrics)

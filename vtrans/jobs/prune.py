@@ -1,7 +1,11 @@
 """The prune job, as its stages (vtrans.pipeline): load (the model's config first: the family's conflicts fail
-here) -> data -> attach -> evaluate the dense model -> warm start
--> train the masks (VTrans / Fast-VTrans / Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget
--> materialise -> evaluate the pruned model -> save it and its metrics."""
+here) -> data -> attach -> evaluate the dense model -> warm start -> train the masks (VTrans / Fast-VTrans /
+Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget -> materialise -> save the pruned model ->
+evaluate it -> its metrics (metrics.json, written by vtrans.jobs.run).
+
+The model is saved before its evaluation, and does not depend on the end-of-training checkpoint: that checkpoint
+only spares a rerun the training when the job stops before the model is written, so it is written only when the
+disk keeps room for the model too, and a failure to write it is a warning."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +17,7 @@ import torch
 
 from .. import pipeline as P
 from ..accounting import flops_per_token, model_numel, param_count
-from ..checkpoint import Checkpointer, batch_stream
+from ..checkpoint import Checkpointer, batch_stream, check_stop
 from ..config import Config, training_fingerprint
 from ..engine import fit, make_engine
 from ..log import RunLogger, rows_from_decision
@@ -43,9 +47,11 @@ def run(cfg: Config, out: Path) -> dict:
     with mm.disabled():
         dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense")
     log.info("dense: %s", _fmt(dense_eval))
+    check_stop()
 
     if mask.method == "vib":
         t_init = time.perf_counter()
+        model_room = P.model_bytes(model)  # the dense size bounds the pruned model's (read before ZeRO-3 shards it)
         checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
         resuming = checkpointer.resume and checkpointer.latest() is not None  # the restored masks replace any start
         if mask.init_from and not resuming:
@@ -62,7 +68,8 @@ def run(cfg: Config, out: Path) -> dict:
                                         optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
         history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
                       optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
-                      progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step)
+                      progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step,
+                      end_reserve=model_room)
         train_time = time.perf_counter() - t_init
         engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
         is_main = engine.is_main
@@ -70,10 +77,15 @@ def run(cfg: Config, out: Path) -> dict:
         history, train_time = [], P.warm_start(cfg, mm, data.train)
         is_main = P.is_main_process()
 
+    check_stop()
     decision = P.decide(cfg, mm, budget)
     logger.structure(rows_from_decision(decision))
     pruned = P.materialise(cfg, mm, decision)
     P.check_budget(pruned, budget, decision.fit["target"])
+    model_dir = out / "model"
+    if is_main:  # one writer: every rank holds the same pruned model; saved before it is evaluated
+        P.save_model(pruned, tokenizer, model_dir, decision)
+    check_stop()
     pruned_eval = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned")
     log.info("pruned: %s", _fmt(pruned_eval))
 
@@ -109,9 +121,6 @@ def run(cfg: Config, out: Path) -> dict:
     for k, v in pruned_eval.items():
         if not k.startswith("eval_"):
             metrics[f"{k}_pruned"] = v
-    model_dir = out / "model"
-    if is_main:  # one writer: every rank holds the same pruned model
-        P.save_model(pruned, tokenizer, model_dir, decision)
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
     P.set_objective(cfg, metrics)
