@@ -62,8 +62,8 @@ def assets(tmp_path_factory):
 
 def overrides(assets: Path, *extra, text: str = "lee.txt") -> list[str]:
     return ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
-            f"data.source={assets / text}", "data.seq_len=32", "data.max_eval_blocks=6", "budget.count_embeddings=false",
-            "optim.steps=3", "optim.log_every=1", "progress=false", *extra]
+            f"data.source={assets / text}", "data.seq_len=32", "data.max_eval_blocks=6",
+            "budget.count_embeddings=false", "optim.steps=3", "optim.log_every=1", "progress=false", *extra]
 
 
 def prune(assets: Path, out: Path, *extra) -> dict:
@@ -146,10 +146,11 @@ def test_resume_false_moves_the_earlier_run_aside(assets, tmp_path):
     second = prune(assets, tmp_path, "budget.target=0.5", "checkpoint.resume=false")
     (previous,) = (tmp_path / "previous").iterdir()
     assert json.loads((previous / "metrics.json").read_text())["ppl_pruned"] == first["ppl_pruned"]
-    assert {k.replace("model", "model", 1): v for k, v in digest(previous / "model").items()} == kept
+    assert digest(previous / "model") == kept
     assert [p.name for p in Checkpointer(previous / "checkpoints").complete()] == ["step-00000003"]
     assert json.loads((previous / "run.json").read_text())["config"]["budget.target"] == 0.8
-    assert second["budget_target"] == 0.5 and json.loads((tmp_path / "metrics.json").read_text())["budget_target"] == 0.5
+    assert second["budget_target"] == 0.5
+    assert json.loads((tmp_path / "metrics.json").read_text())["budget_target"] == 0.5
 
 
 @pytest.mark.slow  # a subprocess: imports and loads again (~15-30 s)
