@@ -1,6 +1,6 @@
 """vtrans entry point: `python launch.py [overrides]` composes conf/ and runs the chosen job. Under torchrun, the
-DeepSpeed launcher or srun it derives this process's rank; SIGTERM / SIGUSR1 make training checkpoint (see
-vtrans.checkpoint)."""
+DeepSpeed launcher or srun it derives this process's rank; SIGTERM / SIGINT stop the job (training saves a
+checkpoint first; exit 143 / 130), SIGUSR1 makes training checkpoint and go on (see vtrans.checkpoint)."""
 import hydra
 from omegaconf import DictConfig
 

@@ -98,7 +98,7 @@ def materialise(args) -> dict:
     t0 = time.perf_counter()
     decision = decide(mm, Budget("params_ratio", 0.5))
     t1 = time.perf_counter()
-    pruned = materialize(mm, decision, gather=engine.gathered)
+    pruned = materialize(mm, decision, fetch=engine.fetch)
     t2 = time.perf_counter()
     params = sum(p.numel() for p in pruned.parameters())
     return {"part": "materialise", "decide_s": t1 - t0, "materialise_s": t2 - t1, "pruned_params": params,

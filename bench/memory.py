@@ -4,8 +4,9 @@ training step, release (the optimizers' moments freed), materialise and save, on
 memory model: per-rank GPU and host memory for 7B / 13B / 70B, ZeRO-2 / ZeRO-3, each variant, 8 / 32 / 64 GPUs,
 its byte counts checked against the measured shapes.
 
-    python bench/memory.py                       # the ~1B shape, both modes; writes bench/results/memory_cpu.{md,json}
-    python bench/memory.py --shape small         # a ~40M shape (what tests/test_memory.py checks)
+    python bench/memory.py                       # the ~1B shape, both modes; writes bench/results/memory_cpu_1b.{md,json}
+    python bench/memory.py --live 1e8 --tag 1b_live1e8   # ZeRO-3 holding at most ~2 of its layers gathered
+    python bench/memory.py --shape small         # a ~55M shape (tests/test_memory.py checks it in the default tier)
     python bench/memory.py --model-table         # the memory model's table for 7B / 13B / 70B
 
 Targets: under ZeRO-3 each rank's peak host RSS is at most 0.6x the one-process peak; materialise adds at most the
@@ -93,8 +94,9 @@ def save_random_model(shape: str, root: Path) -> Path:
     return path
 
 
-def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128) -> dict:
-    """One Faster-VTrans step, release, a 50 % decision, materialise and save, each stage's peak RSS recorded."""
+def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128, live: int | None = None) -> dict:
+    """One Faster-VTrans step, release, a 50 % decision, materialise and save, each stage's peak RSS recorded.
+    `live`: deepspeed.max_live_parameters and max_reuse_distance (default: vtrans's, DeepSpeed's 1e9)."""
     from vtrans.config import Config
     from vtrans.engine import Processes, ShardedBuild, make_engine, processes
     from vtrans.masks.decide import Budget, decide
@@ -108,6 +110,8 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     cfg = Config()
     cfg.model.package, cfg.model.name_or_path, cfg.model.gguf_file = "", model_dir, ""
     cfg.deepspeed.enabled, cfg.deepspeed.stage = zero3, 3 if zero3 else 0
+    if live is not None:
+        cfg.deepspeed.max_live_parameters = cfg.deepspeed.max_reuse_distance = live
     cfg.optim.batch_size = 2
     procs = processes("cpu") if zero3 else Processes(torch.device("cpu"))
     peak = PeakRSS()
@@ -128,7 +132,7 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     engine.release()
     decision = decide(mm, Budget("params_ratio", 0.5))
     peak.stage("materialise")
-    pruned = materialize(mm, decision, gather=engine.gathered, build=procs.is_main)
+    pruned = materialize(mm, decision, fetch=engine.fetch, build=procs.is_main)
     peak.stage("save")
     if procs.is_main:
         save_pruned(pruned, Path(out) / "pruned", max_shard_size="200MB")
@@ -140,14 +144,14 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
             "params": int(sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()))}
 
 
-def _entry(rank: int, world: int, port: int, model_dir: str, out: str, results: str) -> None:
+def _entry(rank: int, world: int, port: int, model_dir: str, out: str, results: str, live: int | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    result = measure(rank, model_dir, True, out)
+    result = measure(rank, model_dir, True, out, live=live)
     Path(results, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_zero3(model_dir: Path, out: Path, world: int = 2) -> list[dict]:
+def run_zero3(model_dir: Path, out: Path, world: int = 2, live: int | None = None) -> list[dict]:
     import socket
 
     with socket.socket() as s:
@@ -155,7 +159,7 @@ def run_zero3(model_dir: Path, out: Path, world: int = 2) -> list[dict]:
         port = s.getsockname()[1]
     results = out / "ranks"
     results.mkdir(parents=True, exist_ok=True)
-    torch.multiprocessing.start_processes(_entry, args=(world, port, str(model_dir), str(out), str(results)),
+    torch.multiprocessing.start_processes(_entry, args=(world, port, str(model_dir), str(out), str(results), live),
                                           nprocs=world, start_method="spawn")
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -251,6 +255,8 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=None, help="where the random model and outputs go (default: a temp dir)")
     p.add_argument("--tag", default="", help="results file suffix (default: the shape)")
     p.add_argument("--model-table", action="store_true", help="print the memory model's table and exit")
+    p.add_argument("--live", type=float, default=None,
+                   help="ZeRO-3 runs with deepspeed.max_live_parameters = max_reuse_distance = this (default 1e9)")
     args = p.parse_args(argv)
     if args.model_table:
         text = model_table()
@@ -259,7 +265,8 @@ def main(argv=None) -> dict:
     work = args.work or Path(tempfile.mkdtemp(prefix="vtrans-memory-"))
     model_dir = save_random_model(args.shape, work)
     single = run_single(model_dir, work / "single")
-    ranks = run_zero3(model_dir, work / "zero3", args.ranks)
+    live = None if args.live is None else int(args.live)
+    ranks = run_zero3(model_dir, work / "zero3", args.ranks, live)
     c = checks(single, ranks)
     text = table(single, ranks, c)
     print(text)
@@ -267,8 +274,9 @@ def main(argv=None) -> dict:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"memory_cpu_{tag}.json").write_text(json.dumps({"single": single, "zero3": ranks, "checks": c},
                                                                indent=2))
+    command = f"python bench/memory.py --shape {args.shape}" + (f" --live {args.live:g}" if live is not None else "")
     (RESULTS / f"memory_cpu_{tag}.md").write_text(f"# Peak host memory per stage ({args.shape} LLaMA shape, CPU)\n\n"
-                                                 f"Command: `python bench/memory.py --shape {args.shape}`\n\n{text}\n")
+                                                 f"Command: `{command}`\n\n{text}\n")
     return {"single": single, "zero3": ranks, "checks": c, "table": text}
 
 

@@ -116,7 +116,8 @@ def decide_and_materialise(mm) -> dict:
     with torch.no_grad():
         logits = pruned(**probe()).logits
     return {"kept": {n: m.kept().clone() for n, m in mm.masks().items()}, "logits": logits,
-            "size": decision.fit["size"], "params": sum(p.numel() for p in pruned.parameters())}
+            "size": decision.fit["size"], "params": sum(p.numel() for p in pruned.parameters()),
+            "state": {k: v.clone() for k, v in pruned.state_dict().items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +179,9 @@ def _scenarios(rank: int) -> dict:
                                     "dtypes": {str(p.dtype) for p in mm.mask_parameters()},
                                     "kl": float(sum(m.kl() for m in mm.masks().values())),
                                     "forward_kl": float(sum(m.last_kl for m in mm.masks().values()))}
+    # materialised from the shards, gathered to rank 0 only (what the prune job does): None on rank 1
+    fetched = materialize(mm, decide(mm, Budget("params_ratio", 0.6)), fetch=engine.fetch, build=True)
+    out["zero3_fetched"] = None if fetched is None else {k: v.clone() for k, v in fetched.state_dict().items()}
     engine.consolidate()
     out["zero3"] = {"trajectory": trajectory(history), "masks": mask_state(module), "pruned": decide_and_materialise(mm)}
 
@@ -266,6 +270,19 @@ def test_two_ranks_train_as_one_process(two_ranks, reference, stage, ref):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
+def test_zero3_materialises_on_rank0_from_the_shards(two_ranks):
+    """Rank 0 builds the pruned model from partitions sent to it alone; it equals the model materialised from the
+    consolidated (all-gathered) weights, and rank 1 builds nothing."""
+    assert two_ranks[1]["zero3_fetched"] is None
+    fetched = two_ranks[0]["zero3_fetched"]
+    whole = two_ranks[0]["zero3"]["pruned"]["state"]
+    assert fetched.keys() == whole.keys()
+    for name, value in whole.items():
+        assert torch.equal(fetched[name], value), name
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
 def test_zero3_partitions_every_weight(two_ranks):
     for rank, result in enumerate(two_ranks):
         for name, (full, shard, visible) in result["zero3_partition"].items():
@@ -347,8 +364,8 @@ def _smollm2_zero3(rank: int, out: str, text: str) -> dict:
     cfg.output_dir, cfg.progress = str(Path(out) / "job"), False
     seen, make_engine = {}, job.make_engine
 
-    def recording(module, groups, config):
-        engine = make_engine(module, groups, config)
+    def recording(module, groups, config, procs=None):
+        engine = make_engine(module, groups, config, procs)
         seen.update({n: (p.ds_numel, p.ds_tensor.numel()) for n, p in module.named_parameters()})
         return engine
 

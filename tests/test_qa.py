@@ -241,12 +241,12 @@ def test_prune_job_prunes_a_bert_qa_model_that_reloads_in_a_fresh_process(squad_
     seen = {}
     real_save = pipeline.save_pruned
 
-    def spy(model, out_dir):  # the pruned model's logits just before it is written
+    def spy(model, out_dir, **kwargs):  # the pruned model's logits just before it is written
         batch = {k: v[:6] for k, v in seen["feats"].tensors().items() if not k.endswith("_positions")}
         with torch.no_grad():
             out = model.eval()(**batch)
         seen.update(batch=batch, start=out.start_logits, end=out.end_logits, hidden=model.config.hidden_size)
-        return real_save(model, out_dir)
+        return real_save(model, out_dir, **kwargs)
 
     real_features = pipeline.D.qa_features
 

@@ -3,7 +3,8 @@ an unknown key or a wrong type fails at composition, naming the key; value check
 (reached by `load_config`), before any model is loaded or any device is held."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -306,11 +307,29 @@ class DeepSpeedConfig:
     bf16: bool = False
     timeout_minutes: float = 120.0  # the process group's timeout: long enough for what one rank does while the others
     #                                 wait (saving a 7B model, lm-eval); also used without DeepSpeed (split evaluation)
+    # ZeRO-3's gathering (DeepSpeed's stage3_* settings, its defaults): at most this many parameters held gathered at
+    # once; a gathered parameter is kept, not released, if it is used again within this many parameters (so the
+    # default keeps a model under 1e9 parameters gathered from its forward to its backward: set both to a few layers'
+    # parameters to hold a ~1B model's rank memory down, at the cost of gathering twice per step; bench/memory.py)
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
+    prefetch_bucket_size: int = 50_000_000  # parameters fetched ahead of their use
+    param_persistence_threshold: int = 100_000  # tensors this small stay whole on every rank
 
     def __post_init__(self):
         _one_of("deepspeed.stage", self.stage, (0, 1, 2, 3))
         if self.timeout_minutes <= 0:
             raise ValueError(f"deepspeed.timeout_minutes={self.timeout_minutes} must be > 0")
+        for key in ("max_live_parameters", "max_reuse_distance", "prefetch_bucket_size", "param_persistence_threshold"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"deepspeed.{key}={getattr(self, key)} must be >= 0 (a number of parameters)")
+
+    def zero3_settings(self) -> dict:
+        """These settings as DeepSpeed's zero_optimization keys."""
+        return {"stage3_max_live_parameters": self.max_live_parameters,
+                "stage3_max_reuse_distance": self.max_reuse_distance,
+                "stage3_prefetch_bucket_size": self.prefetch_bucket_size,
+                "stage3_param_persistence_threshold": self.param_persistence_threshold}
 
 
 @dataclass
@@ -408,6 +427,53 @@ class Config:
                 if value and not (value.startswith("hf:") or value.lower().endswith((".json", ".jsonl"))):
                     raise ValueError(f"data.{name}={value!r} is not accepted for model.task=question_answering; "
                                      f"accepted: {_QA_SOURCES}")
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+# Which fields make two runs the same run. The result fingerprint is every field except those that only say where a
+# job writes, how it reports and how it checkpoints; a finished run's directory is reused only under the same one.
+# The training fingerprint is the part a job's training depends on (recorded in every checkpoint): a checkpoint is
+# resumed only under the same one, so e.g. evaluation settings may change between a preemption and the resume.
+NOT_RESULT = ("output_dir", "progress", "logger", "checkpoint", "optim.log_every")
+TRAINING_FIELDS = {
+    "prune": ("job", "model", "data", "mask", "budget", "optim", "distill", "deepspeed", "export_uniform"),
+    "finetune": ("job", "model", "model_dir", "data", "optim", "distill", "finetune", "deepspeed"),
+}
+EVALUATION_ONLY = ("data.max_eval_blocks", "data.eval_window", "data.eval_stride")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def result_fingerprint(cfg: Config) -> dict:
+    """{dotted field: value} of every field that changes what a job computes (JSON values)."""
+    flat = json.loads(json.dumps(_flat(asdict(cfg))))
+    return {k: v for k, v in flat.items() if not _under(k, NOT_RESULT)}
+
+
+def training_fingerprint(cfg: Config) -> dict:
+    """{dotted field: value} of the fields the job's training depends on; {} for jobs that do not train."""
+    fields = TRAINING_FIELDS.get(cfg.job, ())
+    return {k: v for k, v in result_fingerprint(cfg).items() if _under(k, fields) and not _under(k, EVALUATION_ONLY)}
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for every field whose value differs (a field only one side has counts as changed)."""
+    missing = "(unset)"
+    return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
 
 
 def register() -> None:

@@ -140,7 +140,10 @@ def _load_local(
     import datasets
 
     kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    ds = datasets.load_dataset(DATASET_SUFFIXES[suffix], data_files=str(path), split="train", **kwargs)
+    try:
+        ds = datasets.load_dataset(DATASET_SUFFIXES[suffix], data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets reports a broken line as a generic generation error
+        raise _file_error(path, exc) from exc
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return _dataset_corpus(ds, source, text_field, label_field)
@@ -175,13 +178,58 @@ def _hf_dataset(match: re.Match):
         ) from exc
 
 
+def _file_error(path: Path, exc: Exception) -> ValueError:
+    """What is wrong with a data file `datasets` could not read: the first line of JSON lines that is not a JSON
+    object (with its number), else the file and the library's own error."""
+    if path.suffix.lower() in (".jsonl", ".json"):
+        bad = _first_bad_json_line(path)
+        if bad is not None:
+            n, why = bad
+            return ValueError(f"{str(path)!r} line {n} is not a JSON object ({why}); a .jsonl file holds one JSON "
+                              "object per line")
+    return ValueError(f"could not read {str(path)!r}: {type(exc).__name__}: {exc}")
+
+
+def _first_bad_json_line(path: Path) -> tuple[int, str] | None:
+    text = _read_text(path)
+    if path.suffix.lower() == ".json":
+        try:
+            json.loads(text)
+            return None  # one JSON document: the problem is elsewhere
+        except json.JSONDecodeError:
+            pass
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return n, f"{e.msg} at column {e.colno}: {line[:60]!r}"
+        if not isinstance(value, dict):
+            return n, f"a JSON {type(value).__name__}, not an object"
+    return None
+
+
+TEXT_CONTROL_LIMIT = 0.01  # a text file may hold at most 1 % control characters (other than whitespace)
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
+
+
 def _read_text(path: Path) -> str:
+    """A text file's contents: UTF-8, else latin-1 (with a warning). A file that is not text (a high share of control
+    characters, as in binary data or UTF-16) is refused, naming it."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        logger.debug("%s is not UTF-8; decoding as latin-1", path)
-        return raw.decode("latin-1")
+        text, encoding = raw.decode("utf-8"), "UTF-8"
+    except UnicodeDecodeError as e:
+        text, encoding = raw.decode("latin-1"), "latin-1"
+        logger.warning("%s is not UTF-8 (%s); reading it as latin-1", path, e)
+    if text:
+        share = len(_CONTROL.findall(text)) / len(text)
+        if share > TEXT_CONTROL_LIMIT:
+            raise ValueError(f"{str(path)!r} does not look like text: {share:.1%} of its characters (read as "
+                             f"{encoding}) are control characters, at most {TEXT_CONTROL_LIMIT:.0%} are accepted; give "
+                             "a UTF-8 (or latin-1) text file")
+    return text
 
 
 def _text_lines_corpus(path: Path, source: str) -> Corpus:

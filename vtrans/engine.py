@@ -10,6 +10,7 @@ import datetime
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -210,6 +211,16 @@ class Engine:
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
                    Path(path) / "engine.pt")
 
+    def state_bytes(self) -> int:
+        """About how many bytes save_state writes (Adam's two moments counted before its first step too)."""
+        from .checkpoint import tensor_bytes
+
+        module = tensor_bytes(self.module.state_dict().values())
+        optimizer = sum(tensor_bytes(self.optimizer.state[p].values()) if self.optimizer.state.get(p)
+                        else 2 * p.numel() * p.element_size()
+                        for g in self.optimizer.param_groups for p in g["params"])
+        return module + optimizer
+
     def load_state(self, path: Path, world_size: int | None = None) -> None:
         state = torch.load(Path(path) / "engine.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["module"])
@@ -226,9 +237,9 @@ class Engine:
     def barrier(self) -> None:
         self.procs.barrier()
 
-    def gathered(self, params=None):
-        """A context in which `params` hold their full values (they always do on one process)."""
-        return contextlib.nullcontext()
+    def fetch(self, params) -> list[torch.Tensor] | None:
+        """The full values of `params` on the main process (None on the others): what materialising reads."""
+        return [p.detach() for p in params]
 
     def release_parameters(self) -> None:
         """Partition again what a forward left gathered (nothing is partitioned on one process)."""
@@ -242,6 +253,48 @@ class Engine:
 
     def close(self) -> None:
         pass
+
+
+@torch.no_grad()
+def gather_to_main(params, procs: Processes) -> list[torch.Tensor] | None:
+    """The full values of ZeRO-3-partitioned `params`, one tensor at a time, on rank 0's CPU (None on the other
+    ranks): every rank sends its partition to rank 0 (torch.distributed.gather), so the others never hold a whole
+    tensor, unlike DeepSpeed's GatheredParameters (an all-gather). Parameters that are not partitioned come as they
+    are."""
+    import torch.distributed as dist
+
+    out: list[torch.Tensor] | None = [] if procs.is_main else None
+    for p in params:
+        part = getattr(p, "ds_tensor", None)
+        if part is None or not dist.is_initialized():
+            if out is not None:
+                out.append(p.detach().cpu())
+            continue
+        group = getattr(p, "ds_process_group", None) or dist.group.WORLD
+        world, dst = dist.get_world_size(group), dist.get_global_rank(group, 0)
+        # offloaded partitions live on the CPU; NCCL gathers device tensors
+        part = part.detach().to(procs.device).contiguous()
+        # gloo's gather receives into a flat copy of the output first (twice the tensor on rank 0): point-to-point
+        # there; NCCL's gather writes into the chunks directly
+        p2p = dist.get_backend(group) == "gloo"
+        if dist.get_rank() == dst:
+            buf = torch.empty(world * part.numel(), dtype=part.dtype, device=part.device)
+            chunks = list(buf.chunk(world))
+            if p2p:
+                for r, chunk in enumerate(chunks):
+                    if r == dist.get_group_rank(group, dst):
+                        chunk.copy_(part)
+                    else:
+                        dist.recv(chunk, src=dist.get_global_rank(group, r), group=group)
+            else:
+                dist.gather(part, gather_list=chunks, dst=dst, group=group)
+            if out is not None:
+                out.append(buf[:p.ds_numel].view(p.ds_shape).cpu())
+        elif p2p:
+            dist.send(part, dst=dst, group=group)
+        else:
+            dist.gather(part, dst=dst, group=group)
+    return out
 
 
 def deepspeed_config(stage: int, bf16: bool = False, offload_optimizer: bool = False, offload_params: bool = False,
@@ -285,6 +338,7 @@ class ShardedBuild:
                                    timeout=datetime.timedelta(minutes=ds.timeout_minutes))
         self.config = deepspeed_config(3, ds.bf16, ds.offload_optimizer, ds.offload_params, cfg.optim.grad_accum,
                                        cfg.optim.clip, cfg.optim.weight_decay)
+        self.config["zero_optimization"].update(ds.zero3_settings())
         loaded = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
         self.dtype = torch.bfloat16 if ds.bf16 else loaded
 
@@ -324,11 +378,9 @@ class ShardedBuild:
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
-    def read(self, params):
-        """Parameters whole on every rank inside the block, read-only (materialising)."""
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+    def fetch(self, params) -> list[torch.Tensor] | None:
+        """Full values of `params` on rank 0 only (materialising): see `gather_to_main`."""
+        return gather_to_main(params, self.procs)
 
     def broadcast(self, obj):
         return self.procs.broadcast(obj)
@@ -499,6 +551,21 @@ class DeepSpeedEngine(Engine):
         if self.optimizer is not None:
             self.ds.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
 
+    def state_bytes(self) -> int:
+        """About how many bytes all ranks' save_state write together: the replicated part (masks, multipliers, their
+        Adam moments) and, when DeepSpeed trains weights, the module in its dtype (whole, also under ZeRO-3) with fp32
+        Adam moments for each trainable weight (+ an fp32 master copy under bf16)."""
+        replicated = sum(3 * p.numel() * p.element_size() for p in self.replicated)
+        if self.optimizer is None:
+            return replicated
+        module = trainable = 0
+        for p in self.module.parameters():
+            n = getattr(p, "ds_numel", p.numel())
+            module += n * p.element_size()
+            trainable += n if p.requires_grad else 0
+        module += sum(b.numel() * b.element_size() for b in self.module.buffers())
+        return replicated + module + trainable * (12 if self.bf16 else 8)
+
     def load_state(self, path: Path, world_size: int | None = None) -> None:
         """Load a checkpoint written by `world_size` ranks (default: this many). The replicated part loads on any
         number; DeepSpeed's shards only into as many ranks as wrote them: on another number the trained weights are
@@ -542,14 +609,13 @@ class DeepSpeedEngine(Engine):
 
     def state_on_main(self, model: nn.Module) -> dict | None:
         """`model`'s parameters and persistent buffers as whole CPU tensors on rank 0 (None elsewhere), gathered one
-        tensor at a time: no rank holds more than one whole tensor beyond what it had."""
-        import deepspeed
-
+        tensor at a time (`fetch`): no rank holds more than one whole tensor beyond what it had, and under ZeRO-3
+        only rank 0 holds even that."""
         state = {} if self.is_main else None
         for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], enabled=self.stage == 3):
-                if self.is_main:
-                    state[name] = p.data.detach().to("cpu", copy=True)
+            t = self.fetch([p])
+            if state is not None:
+                state[name] = t[0].to("cpu", copy=True)
         if self.is_main:  # buffers are whole on every rank
             for prefix, module in model.named_modules():
                 for name, b in module.named_buffers(recurse=False):
@@ -563,15 +629,12 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3 and self._offload is not None:
             self._offload.partition_all_parameters()
 
-    @contextlib.contextmanager
-    def gathered(self, params=None):
-        """Full values of `params` (default: all of the module's) on every rank inside the block (ZeRO-3 shards
-        them outside their module's forward); read-only."""
-        import deepspeed
-
-        params = list(self.module.parameters()) if params is None else list(params)
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.stage == 3):
-            yield
+    def fetch(self, params) -> list[torch.Tensor] | None:
+        """Full values on rank 0 only under ZeRO-3 (`gather_to_main`); otherwise every rank holds them."""
+        params = list(params)
+        if self.stage == 3:
+            return gather_to_main(params, self.procs)
+        return [p.detach() for p in params] if self.procs.is_main else None
 
     def consolidate(self) -> None:
         """Gather the trained shards back into full tensors on every rank (one tensor at a time), remove DeepSpeed's
@@ -639,9 +702,10 @@ def make_engine(module: nn.Module, param_groups: list[dict], cfg, procs: Process
     procs = procs or processes(cfg.device, ds.timeout_minutes)
     common = dict(grad_accum=oc.grad_accum, clip=oc.clip, weight_decay=oc.weight_decay, seed=oc.seed, procs=procs)
     if ds.enabled:
+        overrides = {"zero_optimization": ds.zero3_settings()} if ds.stage == 3 else None
         return DeepSpeedEngine(module, param_groups, stage=ds.stage, bf16=ds.bf16,
                                offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
-                               timeout_minutes=ds.timeout_minutes, **common)
+                               timeout_minutes=ds.timeout_minutes, overrides=overrides, **common)
     if procs.world_size > 1:
         raise ValueError(f"this job runs as {procs.world_size} processes but deepspeed.enabled=false; choose a "
                          "DeepSpeed config (e.g. deepspeed=zero2 or deepspeed=zero3) or run a single process")
@@ -655,14 +719,18 @@ def make_engine(module: nn.Module, param_groups: list[dict], cfg, procs: Process
 
 def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]], steps: int, grad_accum: int,
         on_log: Callable[[int, dict], None] | None = None, log_every: int = 10, progress: bool = True,
-        desc: str = "prune", checkpointer=None, on_step: Callable[[int], None] | None = None) -> list[dict]:
+        desc: str = "prune", checkpointer=None, on_step: Callable[[int], None] | None = None,
+        end_reserve: int = 0) -> list[dict]:
     """Run `steps` optimizer steps of `grad_accum` micro-batches; returns the per-step stats.
 
     `batches` is an iterator of global micro-batches, or a function of a sample offset returning one (so that a
     resumed run continues at its data position). With a `checkpointer` (vtrans.checkpoint.Checkpointer) the run
-    resumes from its latest checkpoint, saves every N steps, at the end, and on SIGTERM / SIGUSR1 (at the next step
-    boundary; SIGTERM then ends the run with `Preempted`). Logging and the progress bar are on rank 0 only.
-    `on_step(step)` runs on every rank after each optimizer step (iterative pruning decisions).
+    resumes from its latest checkpoint, saves every N steps, at the end, and on SIGTERM / SIGINT / SIGUSR1 (at the
+    next step boundary; SIGTERM / SIGINT then end the run with `Preempted`). The end-of-training checkpoint only
+    spares a rerun the training when the job stops before its results are written: it is saved only when the disk
+    also keeps `end_reserve` bytes free (room for the model), and a failure to save it is a warning, not an error.
+    Logging and the progress bar are on rank 0 only. `on_step(step)` runs on every rank after each optimizer step
+    (iterative pruning decisions).
     """
     from tqdm.auto import tqdm
 
@@ -703,11 +771,13 @@ def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]
         save_now, stop_now = engine.any_rank(*ckpt.signal_requests())
         if save_now or stop_now or checkpointer.due(step + 1) or step + 1 == steps:
             reason = "signal" if (save_now or stop_now) else "periodic" if checkpointer.due(step + 1) else "end"
-            checkpointer.save(engine, ckpt.TrainState(step=step + 1, samples=samples, history=history), reason)
+            checkpointer.save(engine, ckpt.TrainState(step=step + 1, samples=samples, history=history), reason,
+                              required=reason != "end", reserve=end_reserve if reason == "end" else 0)
             ckpt.clear_save_request()
         if stop_now:
             bar.close()
+            signum = ckpt.stop_signal() or signal.SIGTERM  # a rank the signal did not reach stops as if by SIGTERM
             ckpt.clear_requests()
-            raise ckpt.Preempted(step + 1)
+            raise ckpt.Preempted(step + 1, signum)
     bar.close()
     return history

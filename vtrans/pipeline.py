@@ -1,34 +1,43 @@
 """The named stages every job is built from, each a function with explicit inputs and outputs:
 
-    setup -> load -> data -> attach -> warm start -> train -> decide -> materialise -> evaluate -> save
+    claim the output -> setup -> load -> data -> attach -> warm start -> train -> decide -> materialise -> save ->
+    evaluate
 
 (`jobs/prune.py` runs them all; finetune, evaluate, export and probe use the ones they need). State that must
-survive a restart lives in the checkpoint (vtrans.checkpoint), not in these functions."""
+survive a restart lives in the checkpoint (vtrans.checkpoint), not in these functions. The stages fail early on what
+they can know early (the output directory before any model loads, the family's conflicts from the model's config
+alone) and obey a stop signal: loading and tokenising end at once, every forward call of a model under `progress` /
+`stop_checks` checks the stop flag."""
 from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import itertools
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 
+from . import checkpoint as ckpt
 from . import data as D
 from .accounting import flops_per_token, model_numel, param_count
-from .config import Config, ModelConfig
+from .config import (TRAINING_FIELDS, Config, ModelConfig, fingerprint_changes, result_fingerprint,
+                     training_fingerprint)
 from .decision import DECISION_FILE, Decision
 from .evaluation import (classification_metrics, lm_eval_metrics, perplexity, qa_metrics, regression_metrics)
-from .log import rows_from_counts, rows_from_decision
+from .log import rows_from_counts
 from .masks.attach import MaskedModel, MaskInit, attach_masks
-from .masks.decide import Budget, decide as fit_budget, decide_uniform
+from .masks.decide import Budget, decide as fit_budget, decide_uniform, uniform_conflicts
 from .masks.materialize import materialize
 from .masks.scoring import score_masks, warm_start as spread_scores
-from .models import save_pruned, shape_of, to_stock
-from .models.load import load_model, read_model_config
+from .models import family_of, save_pruned, shape_of, to_stock
+from .models.load import TASK_HEADS, load_model, read_model_config
 from .objectives import target_ratio
 
 log = logging.getLogger("vtrans")
@@ -84,6 +93,166 @@ def setup(cfg: Config):
     return processes(cfg.device, cfg.deepspeed.timeout_minutes)
 
 
+# ---------------------------------------------------------------------------------------------------------- claim
+
+RUN_RECORD = "run.json"  # the config of the run whose results the output directory holds
+RESULTS = ("metrics.json", "model")  # what a (finished or stopped) run leaves that another config must not replace
+# what a run writes in its output directory: moved together when checkpoint.resume=false sets an earlier run aside
+RUN_FILES = (RUN_RECORD, "metrics.json", "model", "structure.csv", "structure.png", "probe.csv", "probe.json",
+             "probe.png", "wandb")
+PREVIOUS = "previous"  # <output dir>/previous/<time>/: earlier runs set aside
+
+
+class OutputConflict(FileExistsError):
+    """The output directory holds the results or checkpoints of a run with another config."""
+
+
+def _read_record(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(out: Path, cfg: Config) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_RECORD}.tmp"
+    record = {"job": cfg.job, "config": result_fingerprint(cfg), "training": training_fingerprint(cfg)}
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(out / RUN_RECORD)
+
+
+def output_conflicts(cfg: Config, out: Path) -> str:
+    """Why running `cfg` into `out` would resume or replace another config's run ("" when it would not): its latest
+    checkpoint records another training fingerprint; or its metrics.json (a finished run) another result fingerprint
+    (run.json); or its model/ without metrics.json (a run stopped after saving it) another training fingerprint, so
+    that evaluation settings may change before the rerun; or results of unknown config. Names what is there and
+    each changed field (old -> new)."""
+    held, changes, unknown = [], [], []
+    checkpointer = ckpt.Checkpointer.from_config(cfg.checkpoint, out)
+    saved = checkpointer.saved_fingerprint()
+    if saved is not None:
+        path, old = saved
+        if cfg.job not in TRAINING_FIELDS:
+            return (f"{checkpointer.root} holds the training checkpoints of another job (latest {path.name}); "
+                    f"job={cfg.job} would write its results over that run's")
+        if old:
+            found = fingerprint_changes(old, training_fingerprint(cfg))
+            if found:
+                held.append(f"checkpoint {path}")
+                changes += found
+    present = [f"{name}/" if (out / name).is_dir() else name for name in RESULTS if (out / name).exists()]
+    if present:
+        record = _read_record(out)
+        if record is None:
+            unknown = present
+        else:
+            finished = (out / "metrics.json").exists()
+            if not finished and cfg.job in TRAINING_FIELDS and record.get("training"):
+                found = fingerprint_changes(record["training"], training_fingerprint(cfg))
+            else:
+                found = fingerprint_changes(record.get("config", {}), result_fingerprint(cfg))
+            if found:
+                held += present
+                changes += [c for c in found if c not in changes]
+    if unknown:
+        return f"{out} holds {' and '.join(unknown)} of a run whose config is unknown (no {RUN_RECORD})"
+    if changes:
+        return f"{out} holds {', '.join(held)} of a run with another config; changed: {'; '.join(changes)}"
+    return ""
+
+
+def set_aside(cfg: Config, out: Path, extra: tuple = ()) -> Path | None:
+    """Move an earlier run's files (RUN_FILES and `extra` names in `out`, and its checkpoints) to
+    <out>/previous/<time>/; checkpoints kept outside `out` (checkpoint.dir) move beside themselves. Returns where."""
+    import time
+
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
+    names = [n for n in (*RUN_FILES, *extra) if (out / n).exists()]
+    inside = root.exists() and root.resolve().is_relative_to(out.resolve())
+    if not names and not root.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = out / PREVIOUS / stamp
+    for k in itertools.count(1):
+        if not dest.exists():
+            break
+        dest = out / PREVIOUS / f"{stamp}-{k}"
+    dest.mkdir(parents=True)
+    for name in names:
+        (out / name).replace(dest / name)
+    elsewhere = ""
+    if root.exists():
+        if inside:
+            target = dest / root.resolve().relative_to(out.resolve())
+            target.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            target = root.with_name(f"{root.name}.previous-{dest.name}")
+            elsewhere = f" (its checkpoints to {target})"
+        root.replace(target)
+    log.warning("checkpoint.resume=false: the earlier run in %s was moved to %s%s; this run starts afresh", out, dest,
+                elsewhere)
+    return dest
+
+
+def claim_output(cfg: Config, out: Path, extra: tuple = ()) -> None:
+    """The first stage of every job, before any model loads: the output directory must not hold another config's
+    run. With checkpoint.resume=true (default) a run of the same config resumes / is redone, and one of another
+    config is an error naming the differing fields (old -> new); with checkpoint.resume=false any earlier run there is
+    moved aside (`set_aside`) and this one starts afresh. Rank 0 then records this run's config in run.json."""
+    main = is_main_process()
+    if cfg.checkpoint.resume:
+        problem = output_conflicts(cfg, out)
+        if problem:
+            raise OutputConflict(
+                f"refusing to resume or overwrite another run: {problem}. Choose another output_dir "
+                "(hydra.run.dir), or set checkpoint.resume=false to move the earlier run to "
+                f"{out / PREVIOUS}/<time>/ and start afresh")
+    elif main:
+        set_aside(cfg, out, extra)
+    if main:
+        _write_record(out, cfg)
+
+
+def _hydra_output_dir(config) -> Path | None:
+    from omegaconf import OmegaConf
+
+    if config.get("output_dir"):
+        return Path(config.output_dir)
+    run_dir = OmegaConf.select(config, "hydra.run.dir")
+    return Path(run_dir) if run_dir else None
+
+
+class ClaimOutputCallback(Callback):
+    """`claim_output` of a single run before Hydra writes .hydra/ and opens its log in the run directory, so that a
+    refused run (exit code 1, the reason on stderr) leaves an earlier run's .hydra/ and log intact, and
+    checkpoint.resume=false sets them aside too (the job claims again; by then nothing is left to move)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from omegaconf import open_dict
+
+        from .config import load_config
+
+        try:
+            out = _hydra_output_dir(config)
+            task = copy.deepcopy(config)
+            with open_dict(task):
+                del task["hydra"]  # what the job is given: hydra.job.* resolves only in the job
+            cfg = load_config(task)
+        except Exception as e:  # noqa: BLE001 - e.g. ${hydra:...} values resolve only in the job: it claims there
+            log.debug("output claim deferred to the job: %s", e)
+            return
+        if out is None or not out.exists():
+            return
+        if cfg.checkpoint.resume:
+            try:
+                claim_output(cfg, out)
+            except OutputConflict as e:  # Hydra turns a callback's exceptions into warnings and goes on
+                raise SystemExit(f"Error: {e}") from e
+        elif is_main_process():
+            set_aside(cfg, out, extra=(".hydra", *(p.name for p in out.glob("*.log"))))
+
+
 # ---------------------------------------------------------------------------------------------------------- load
 
 
@@ -102,10 +271,31 @@ def sharding(cfg: Config, procs):
     return None
 
 
+def read_config(cfg: Config, model_cfg: ModelConfig | None = None):
+    """The load stage's first half: the model's config alone (no weights), checked against what its family decides
+    (read_model_config: the family and its task heads; here: a uniform stock export of the masked structures), so
+    such conflicts fail before any data is read or any weights load."""
+    model_cfg = model_cfg or cfg.model
+    with ckpt.abortable():
+        config = read_model_config(model_cfg)
+    if cfg.export_uniform and cfg.job == "prune":
+        family = family_of(config)
+        head = TASK_HEADS[model_cfg.task]
+        if head not in family.stock_models:
+            raise ValueError(f"export_uniform=true: stock {family.name} models have no {model_cfg.task} class; "
+                             "use export_uniform=false")
+        conflict = uniform_conflicts(family, cfg.mask.structures)
+        if conflict:
+            raise ValueError(f"export_uniform=true with mask.structures={list(cfg.mask.structures)}: {conflict}")
+    return config
+
+
 def load(model_cfg: ModelConfig, eager: bool = False, config=None, device=None, sharded=None):
     """(model, tokenizer) of a configured model or a saved (pruned) directory, in eval mode, on `device`; with
-    `sharded` (see `sharding`) built partitioned over the ranks (its partitions already on the device)."""
-    model, tokenizer = load_model(model_cfg, config, sharded)
+    `sharded` (see `sharding`) built partitioned over the ranks (its partitions already on the device). A stop signal
+    while loading ends the job at once (nothing to save yet)."""
+    with ckpt.abortable():
+        model, tokenizer = load_model(model_cfg, config, sharded)
     if eager:  # attention weights are only returned by the eager implementation
         model.set_attn_implementation("eager")
     if device is not None and sharded is None:
@@ -141,6 +331,11 @@ def documents(cfg: Config, train_fraction: float | None = None) -> tuple[list, l
     """(train documents, evaluation documents), for every job alike. Without data.eval_source the evaluation
     documents are a held-out split of data.source (data.folds / heldout_fraction, same seed); with it, all of
     data.source trains. `train_fraction` (default data.train_fraction) subsamples the training part."""
+    with ckpt.abortable():  # reading and splitting: nothing to save yet
+        return _documents(cfg, train_fraction)
+
+
+def _documents(cfg: Config, train_fraction: float | None) -> tuple[list, list]:
     dc = cfg.data
     if cfg.model.task == "question_answering":  # held-out questions never share an article / passage with training
         train = qa_examples(dc.source, dc)
@@ -170,6 +365,11 @@ def qa_examples(source: str, dc) -> list[D.QAExample]:
 
 def task_data(cfg: Config, tokenizer, docs: list, training: bool = False):
     """LM token blocks [N, seq_len], ClassificationData, or QA features, for the configured task."""
+    with ckpt.abortable():  # tokenising: nothing to save
+        return _task_data(cfg, tokenizer, docs, training)
+
+
+def _task_data(cfg: Config, tokenizer, docs: list, training: bool):
     dc = cfg.data
     if cfg.model.task == "causal_lm":
         train_limit = dc.max_train_blocks or (dc.train_tokens // dc.seq_len)
@@ -334,7 +534,8 @@ def warm_start(cfg: Config, mm: MaskedModel, train, procs=None, lockstep: bool =
         batches = [b for b, _ in rank_share(batches, procs)]
     else:
         procs = None  # too few batches to share: every rank scores them all
-    score_masks(mm, method, batches, seed=cfg.optim.seed, procs=procs)
+    with stop_checks(mm.model):
+        score_masks(mm, method, batches, seed=cfg.optim.seed, procs=procs)
     if cfg.mask.method == "vib":
         spread_scores(mm, cfg.mask.init_spread)
         log.info("masks warm-started from %s scores (spread %g) in %.1f s", method, cfg.mask.init_spread,
@@ -399,11 +600,11 @@ def decide(cfg: Config, mm: MaskedModel, budget: Budget) -> Decision:
 # ---------------------------------------------------------------------------------------------------------- materialise
 
 
-def materialise(cfg: Config, mm: MaskedModel, decision: Decision, gather=None, build: bool = True):
+def materialise(cfg: Config, mm: MaskedModel, decision: Decision, fetch=None, build: bool = True):
     """The materialise stage: the smaller model (stock classes with export_uniform=true), built one dense layer at a
-    time through `gather` (an engine's ZeRO-3 gathering); with `build=False` this process takes part in the gathering
-    and gets None (only rank 0 builds, then saves, a sharded model)."""
-    pruned = materialize(mm, decision, gather=gather, build=build)
+    time through `fetch` (an engine's: under ZeRO-3 it gathers each tensor to rank 0 only); with `build=False` this
+    process takes part in the fetching and gets None (only rank 0 builds, then saves, a sharded model)."""
+    pruned = materialize(mm, decision, fetch=fetch, build=build)
     if pruned is None:
         return None
     return to_stock(pruned) if cfg.export_uniform else pruned
@@ -437,8 +638,23 @@ def check_budget(model, budget: Budget, target: float) -> None:
 
 
 @contextlib.contextmanager
+def stop_checks(model):
+    """Every forward call of `model` first checks the stop flag (vtrans.checkpoint.check_stop): a job evaluating,
+    scoring or probing obeys SIGTERM / SIGINT within one batch, without the metric code knowing."""
+    def check(module, args):  # returns None: a pre-hook's return value would replace the inputs
+        ckpt.check_stop()
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def progress(model, total: int | None, desc: str, enabled: bool, postfix: dict | None = None):
-    """A tqdm bar (ETA included) advanced by every forward call of `model`; shown on rank 0 when enabled."""
+    """A tqdm bar (ETA included) advanced by every forward call of `model`, shown on rank 0 when enabled; each call
+    checks the stop flag first (`stop_checks`)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True, disable=not (enabled and is_main_process()))
@@ -450,7 +666,8 @@ def progress(model, total: int | None, desc: str, enabled: bool, postfix: dict |
 
     handle = model.register_forward_hook(advance)
     try:
-        yield bar
+        with stop_checks(model):
+            yield bar
     finally:
         handle.remove()
         bar.close()
@@ -489,7 +706,10 @@ def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eva
         if lm_eval and ec.lm_eval_tasks and lockstep:
             log.warning("%s: eval.lm_eval_tasks skipped: the model is sharded (ZeRO-3); run job=evaluate on it", desc)
         elif lm_eval and ec.lm_eval_tasks:
-            zero_shot = lm_eval_metrics(model, tokenizer, ec) if procs is None or procs.is_main else None
+            zero_shot = None
+            if procs is None or procs.is_main:
+                with stop_checks(model):
+                    zero_shot = lm_eval_metrics(model, tokenizer, ec)
             metrics.update(procs.broadcast(zero_shot) if procs is not None else zero_shot)
         return metrics
     total = math.ceil(math.ceil(len(data) / ec.batch_size) / world)
@@ -528,19 +748,81 @@ def structure_rows(model, dense=None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- save
 
 
+SAVE_OVERHEAD = 16 * 2 ** 20  # tokenizer, config and modeling files beside the weights (bytes, generous)
+
+
+def model_bytes(model) -> int:
+    """About how many bytes a saved copy of `model` takes (its weights in their dtype, also when ZeRO-3 shards them,
+    plus SAVE_OVERHEAD)."""
+    params = sum((getattr(p, "ds_numel", None) or p.numel()) * p.element_size() for p in model.parameters())
+    return params + ckpt.tensor_bytes(b for _, b in model.named_buffers()) + SAVE_OVERHEAD
+
+
+@contextlib.contextmanager
+def writing_dir(target: Path, needed: int, what: str):
+    """Yields a temporary directory beside `target` that replaces it once the block has written it whole: checks
+    first that `needed` bytes are free (FreeSpaceError naming the path, bytes needed and free); a block that fails
+    removes the temporary directory and leaves `target` as it was."""
+    target = Path(target)
+    ckpt.check_free_space(target.parent, needed, what)
+    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.exists():
+            target.replace(old)
+        tmp.replace(target)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            free = ckpt.size_text(ckpt.free_bytes(target))
+            raise ckpt.FreeSpaceError(f"writing {what} to {target} failed ({e}); {free} free now; the partial copy "
+                                      "was removed") from e
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A full disk, as Python (ENOSPC) or torch's zip writer ("unexpected pos") reports it."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or "No space left" in str(e)
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """tokenizer.save_pretrained without the truncation / padding state its last call left in a fast tokenizer's
+    backend: the same tokenizer saves the same tokenizer.json whatever it tokenized before (a rerun that trains
+    nothing writes the same model directory)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    truncation = padding = None
+    if backend is not None:
+        truncation, padding = backend.truncation, backend.padding
+        backend.no_truncation()
+        backend.no_padding()
+    try:
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**{k: v for k, v in padding.items() if k != "pad_to_multiple_of" or v})
+
+
 def save_model(model, tokenizer, model_dir: Path, decision: Decision | None = None) -> None:
     """The save stage (rank 0): a vtrans pruned model in its self-contained format (modeling files + auto_map), a
-    stock model with save_pretrained; the tokenizer; the decision beside it (read by the probe job)."""
+    stock model with save_pretrained; the tokenizer; the decision beside it (read by the probe job). Written whole
+    or not at all (`writing_dir`), after checking the disk has room."""
     from .models import is_pruned
 
     model_dir = Path(model_dir)
-    if is_pruned(model.config):
-        save_pruned(model, model_dir, max_shard_size=SHARD_SIZE)
-    else:
-        model.save_pretrained(model_dir, max_shard_size=SHARD_SIZE)
-    tokenizer.save_pretrained(model_dir)
-    if decision is not None:
-        (model_dir / DECISION_FILE).write_text(json.dumps(decision.record()))
+    with writing_dir(model_dir, model_bytes(model), "the model") as tmp:
+        if is_pruned(model.config):
+            save_pruned(model, tmp, max_shard_size=SHARD_SIZE)
+        else:
+            model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
+        save_tokenizer(tokenizer, tmp)
+        if decision is not None:
+            (tmp / DECISION_FILE).write_text(json.dumps(decision.record()))
 
 
 def set_objective(cfg: Config, metrics: dict) -> None:

@@ -1,6 +1,6 @@
 """Jobs: each is `run(cfg, out) -> metrics`, built from the stages in vtrans.pipeline; `run` here validates the
-config, dispatches on `job`, picks the job's objective (the metric sweeps optimise and plot) and writes metrics.json
-on rank 0."""
+config, claims the output directory (refusing another config's run there), dispatches on `job`, picks the job's
+objective (the metric sweeps optimise and plot) and writes metrics.json on rank 0."""
 from __future__ import annotations
 
 import importlib
@@ -10,21 +10,27 @@ import math
 
 from ..cluster import dist_env
 from ..config import load_config
-from ..pipeline import check_world_size, is_main_process, output_dir, set_objective
+from ..checkpoint import Stopped, check_stop
+from ..pipeline import check_world_size, claim_output, is_main_process, output_dir, set_objective
 
 log = logging.getLogger("vtrans")
 
 
 def run(cfg) -> dict:
-    """Validate the config (before any model is loaded), run the chosen job, write metrics.json (rank 0)."""
+    """Validate the config and claim the output directory (before any model is loaded), run the chosen job, write
+    metrics.json (rank 0)."""
     cfg = load_config(cfg)
     check_world_size(cfg, dist_env().world_size)
     out = output_dir(cfg)
     main = is_main_process()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    claim_output(cfg, out)
+    check_stop()
     job = importlib.import_module(f"{__name__}.{cfg.job}").run
-    metrics = job(cfg, out)
+    try:
+        metrics = job(cfg, out)
+    except Stopped as e:
+        log.warning("%s: %s", cfg.job, e)  # the exit code alone does not say why the job ended
+        raise
     metrics.setdefault("job", cfg.job)
     set_objective(cfg, metrics)
     if main:

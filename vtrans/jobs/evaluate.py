@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import pipeline as P
 from ..accounting import flops_per_token, param_count
+from ..checkpoint import check_stop
 from ..config import Config
 from ..evaluation import require_lm_eval
 from ..log import RunLogger, write_structure
@@ -25,6 +26,7 @@ def run(cfg: Config, out: Path) -> dict:
                               device=procs.device)
     _, held = P.documents(cfg)
     data = P.task_data(cfg, tokenizer, held)
+    check_stop()
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="evaluate")
     metrics = {"model": cfg.model_dir or (cfg.model.name_or_path or f"{cfg.model.package}/{cfg.model.subdir}"),
                "eval_examples": len(held), "flops_seq_len": cfg.budget.flops_seq_len}

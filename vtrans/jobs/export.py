@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import pipeline as P
+from ..checkpoint import check_stop
 from ..config import Config
 from ..decision import DECISION_FILE
 from ..log import RunLogger
@@ -51,29 +52,29 @@ def run(cfg: Config, out: Path) -> dict:
     t0 = time.perf_counter()
     device = P.setup(cfg).device
     src = Path(cfg.model_dir)
-    model, tokenizer = P.load(P.dir_model_config(cfg, str(src)), device=device)
-    config = model.config
+    source_cfg = P.dir_model_config(cfg, str(src))
+    config = P.read_config(cfg, source_cfg)  # the config alone: a shape with no stock equivalent fails before loading
     pruned_format = is_pruned(config)  # else already stock (e.g. pruned with export_uniform=true)
     problems = family_of(config).uniform_problems(config) if cfg.export_uniform and pruned_format else []
     if problems:
         raise ValueError(f"export_uniform=true but {src} has no stock equivalent: " + "; ".join(problems)
                          + ". Export with export_uniform=false (loads with trust_remote_code=True).")
+    model, tokenizer = P.load(source_cfg, config=config, device=device)
+    check_stop()
     dest = out / "model"
-    if dest.exists():
-        shutil.rmtree(dest)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="export")
     auto = getattr(transformers, _AUTO[cfg.model.task])
-    if pruned_format and not cfg.export_uniform:
-        exported = model
-        save_pruned(model, dest)
-        remote_code = True
-    else:
-        exported = to_stock(model)
-        exported.save_pretrained(dest)
-        remote_code = False
-    tokenizer.save_pretrained(dest)
-    if (src / DECISION_FILE).is_file():  # the kept units travel with the model (the probe reads them)
-        shutil.copyfile(src / DECISION_FILE, dest / DECISION_FILE)
+    remote_code = pruned_format and not cfg.export_uniform
+    exported = model if remote_code else to_stock(model)
+    with P.writing_dir(dest, P.model_bytes(exported), "the exported model") as tmp:
+        if remote_code:
+            save_pruned(exported, tmp, max_shard_size=P.SHARD_SIZE)
+        else:
+            exported.save_pretrained(tmp, max_shard_size=P.SHARD_SIZE)
+        P.save_tokenizer(tokenizer, tmp)
+        if (src / DECISION_FILE).is_file():  # the kept units travel with the model (the probe reads them)
+            shutil.copyfile(src / DECISION_FILE, tmp / DECISION_FILE)
+    check_stop()
     # the export must stand alone: reload it (remote code from its own folder) and compare outputs
     reloaded = auto.from_pretrained(dest, trust_remote_code=remote_code).to(device)
     inputs = {k: v.to(device) for k, v in _probe_inputs(model, getattr(config, "vocab_size", 100)).items()}

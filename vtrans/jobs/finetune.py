@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .. import pipeline as P
-from ..checkpoint import Checkpointer, batch_stream
-from ..config import Config
+from ..checkpoint import Checkpointer, batch_stream, check_stop
+from ..config import Config, training_fingerprint
 from ..engine import fit, make_engine
 from ..log import RunLogger, write_structure
 from ..pruning import DistillModule
@@ -42,6 +42,7 @@ def run(cfg: Config, out: Path) -> dict:
         metrics.update(P.size_metrics(teacher, seq, "_dense"))
     if "params_dense" in metrics:
         metrics["params_ratio"] = metrics["params"] / metrics["params_dense"]
+    model_room = P.model_bytes(student)
 
     module = DistillModule(student, teacher, cfg.model.task, dc.task_weight, dc.logit_weight, dc.temperature,
                            metrics.get("params_ratio", 1.0))
@@ -52,15 +53,18 @@ def run(cfg: Config, out: Path) -> dict:
     before = P.evaluate(student, tokenizer, cfg, data.held, "before finetune", procs=procs, lockstep=bool(sharded))
     for k, v in before.items():
         metrics[f"{k}_before" if not k.startswith("eval_") else k] = v
+    check_stop()
     train = data.train.tensors() if hasattr(data.train, "tensors") else data.train  # dicts of tensors (QA too)
+    checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
     t_train = time.perf_counter()
     history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
                   cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
-                  desc="finetune", checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
+                  desc="finetune", checkpointer=checkpointer, end_reserve=model_room)
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]
     metrics["train_tokens"] = ft.steps * cfg.optim.grad_accum * ft.batch_size * cfg.data.seq_len
-    model_dir = out / "model"
+    check_stop()
+    model_dir = out / "model"  # saved before it is evaluated
     if sharded:  # rank 0 gathers the trained weights one tensor at a time and saves them; every rank reads them back
         engine.release()
         tuned = P.whole_copy(student, engine.state_on_main(student)) if procs.is_main else None

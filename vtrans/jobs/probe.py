@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import pipeline as P
+from ..checkpoint import check_stop
 from ..config import Config
 from ..decision import DECISION_FILE
 from ..log import RunLogger, write_csv
@@ -236,6 +237,7 @@ def run(cfg: Config, out: Path) -> dict:
         del pruned
     _, held = P.documents(cfg)
     held = held[: cfg.probe.max_examples]
+    check_stop()
     if cfg.model.task == "question_answering":
         texts, pairs = [e.question for e in held], [e.context for e in held]
     else:

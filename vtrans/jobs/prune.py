@@ -1,6 +1,11 @@
-"""The prune job, as its stages (vtrans.pipeline): load -> data -> attach -> evaluate the dense model -> warm start
--> train the masks (VTrans / Fast-VTrans / Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget
--> materialise -> evaluate the pruned model -> save it and its metrics."""
+"""The prune job, as its stages (vtrans.pipeline): load (the model's config first: the family's conflicts fail
+here) -> data -> attach -> evaluate the dense model -> warm start -> train the masks (VTrans / Fast-VTrans /
+Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget -> materialise -> save the pruned model ->
+evaluate it -> its metrics (metrics.json, written by vtrans.jobs.run).
+
+The model is saved before its evaluation, and does not depend on the end-of-training checkpoint: that checkpoint
+only spares a rerun the training when the job stops before the model is written, so it is written only when the
+disk keeps room for the model too, and a failure to write it is a warning."""
 from __future__ import annotations
 
 import logging
@@ -12,13 +17,12 @@ import torch
 
 from .. import pipeline as P
 from ..accounting import flops_per_token, model_numel, param_count
-from ..checkpoint import Checkpointer, batch_stream
-from ..config import Config
+from ..checkpoint import Checkpointer, batch_stream, check_stop
+from ..config import Config, training_fingerprint
 from ..engine import fit, make_engine
 from ..log import RunLogger, rows_from_decision
 from ..masks.decide import check_reachable
 from ..models import shape_of
-from ..models.load import read_model_config
 from ..pruning import PruningModule
 
 log = logging.getLogger("vtrans")
@@ -31,8 +35,9 @@ def run(cfg: Config, out: Path) -> dict:
     lockstep = sharded is not None  # a partitioned model's forward is a collective: every rank runs as many
     torch.manual_seed(cfg.optim.seed)
     mask, optim = cfg.mask, cfg.optim
-    # load: the family is checked from the config alone, before any weights are read
-    model, tokenizer = P.load(cfg.model, config=read_model_config(cfg.model), device=procs.device, sharded=sharded)
+    # load: the family and its conflicts are checked from the config alone, before any weights or data are read
+    model, tokenizer = P.load(cfg.model, config=P.read_config(cfg), device=procs.device, sharded=sharded)
+    model_room = P.model_bytes(model)  # the dense size bounds the pruned model's (the end checkpoint leaves room)
     data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast", procs=procs)
     teacher = P.frozen_teacher(cfg, model, sharded)
     mm = P.attach(cfg, model)
@@ -46,7 +51,7 @@ def run(cfg: Config, out: Path) -> dict:
 
     engine, checkpointer = None, None
     if mask.method == "vib":  # the engine first: under ZeRO-3 its hooks gather each layer for every forward
-        checkpointer = Checkpointer.from_config(cfg.checkpoint, out)
+        checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
         P.prepare_training(cfg, model)
         module = PruningModule(
             mm, budget, beta=mask.beta, kl_weights=dict(mask.kl_weights), task_weight=cfg.distill.task_weight,
@@ -61,6 +66,7 @@ def run(cfg: Config, out: Path) -> dict:
     with mm.disabled():
         dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense", procs=procs, lockstep=lockstep)
     log.info("dense: %s", _fmt(dense_eval))
+    check_stop()
 
     if mask.method == "vib":
         t_init = time.perf_counter()
@@ -72,7 +78,8 @@ def run(cfg: Config, out: Path) -> dict:
                                         optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
         history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
                       optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
-                      progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step)
+                      progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step,
+                      end_reserve=model_room)
         train_time = time.perf_counter() - t_init
         engine.release()  # the optimizers' moments are not needed any more: free them before materialising
     else:  # a one-shot baseline: score the units on calibration batches, no training
@@ -80,13 +87,14 @@ def run(cfg: Config, out: Path) -> dict:
         if hooks is not None:
             hooks.release()
 
+    check_stop()
     decision = P.decide(cfg, mm, budget)  # the masks are whole on every rank: every rank decides alike
     logger.structure(rows_from_decision(decision))
-    # materialise one dense layer at a time (gathered under ZeRO-3); with several processes rank 0 builds and saves
-    # the pruned model, and the others read it back for the split evaluation
+    # materialise one dense layer at a time (gathered under ZeRO-3); rank 0 builds the pruned model and saves it
+    # before it is evaluated; with several processes the others read it back for the split evaluation
     model_dir = out / "model"
-    gather = engine.gathered if engine is not None else (sharded.read if sharded else None)
-    pruned = P.materialise(cfg, mm, decision, gather=gather, build=procs.is_main)
+    fetch = engine.fetch if engine is not None else (sharded.fetch if sharded else None)
+    pruned = P.materialise(cfg, mm, decision, fetch=fetch, build=procs.is_main)
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)
@@ -95,6 +103,7 @@ def run(cfg: Config, out: Path) -> dict:
         if not procs.is_main:
             pruned, _ = P.load(P.dir_model_config(cfg, model_dir))
     pruned.to(procs.device)
+    check_stop()
     pruned_eval = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned", procs=procs)
     log.info("pruned: %s", _fmt(pruned_eval))
 

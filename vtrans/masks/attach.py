@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..decision import Decision, layer_shape
+from ..decision import Decision
 from ..models import Family, base_model, family_of, get_module, shape_of
 from ..shape import STRUCTURES, LayerShape, ModelShape
 from .vib import StructureMask

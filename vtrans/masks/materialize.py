@@ -5,11 +5,11 @@ plain, smaller model of the family's pruned classes (per-layer counts in its con
 One loop for every family: it reads the family adapter's module paths (vtrans.models), as the mask hooks do
 (vtrans.masks.attach), so the materialised model computes what the hard-masked model computes.
 
-Built for scale: the weights are read one layer at a time through `gather` (a context manager that makes a list of
-parameters whole, e.g. an engine's ZeRO-3 gathering; a no-op otherwise), folded in float32 and stored in the target
-dtype, and the pruned model is built with its parameters on the meta device and filled with the results
-(`assign=True`): the peak is the pruned model plus about one dense layer. With `build=False` a process takes part in
-the gathering (a collective under ZeRO-3) and keeps nothing.
+Built for scale: the weights are read one layer at a time through `fetch` (a function giving a list of parameters'
+full values: the parameters themselves, or an engine's ZeRO-3 gathering to rank 0), folded in float32 and stored in
+the target dtype, and the pruned model is built with its parameters on the meta device and filled with the results
+(`assign=True`): the peak is the pruned model plus about one dense layer. A process that does not build takes part
+in the fetching (a collective under ZeRO-3), receives nothing and keeps nothing.
 """
 from __future__ import annotations
 
@@ -54,9 +54,8 @@ class _Linear:
             out[self.prefix + ".bias"] = self.b.contiguous()
 
 
-@contextlib.contextmanager
-def _whole(params):
-    yield
+def _whole(params) -> list[torch.Tensor]:
+    return [p.detach() for p in params]
 
 
 def _persistent_buffers(model: nn.Module):
@@ -66,12 +65,17 @@ def _persistent_buffers(model: nn.Module):
                 yield (f"{prefix}.{name}" if prefix else name), buf
 
 
-def _read(module: nn.Module, gather, keep: bool) -> dict:
-    """The module's state (parameters and persistent buffers) in float32 on the CPU, gathered whole."""
-    with gather(list(module.parameters())):
-        if not keep:
-            return {}
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+def _read(module: nn.Module, fetch) -> dict | None:
+    """The module's state (parameters and persistent buffers) in float32 on the CPU, fetched whole (None on a
+    process that does not build)."""
+    names, params = zip(*module.named_parameters()) if any(True for _ in module.parameters()) else ((), ())
+    tensors = fetch(list(params))
+    if tensors is None:
+        return None
+    state = {n: t.float().cpu() for n, t in zip(names, tensors)}
+    for n, b in _persistent_buffers(module):
+        state[n] = b.detach().float().cpu() if b.is_floating_point() else b.detach().cpu()
+    return state
 
 
 @contextlib.contextmanager
@@ -93,17 +97,20 @@ def parameters_on_meta():
 
 
 @torch.no_grad()
-def materialize(model, decision: Decision | None = None, dtype: torch.dtype | None = None, gather=None,
+def materialize(model, decision: Decision | None = None, dtype: torch.dtype | None = None, fetch=None,
                 build: bool = True):
     """The pruned model that `decision` cuts from `model` (a model, or a MaskedModel whose masks' decision is the
-    default), in `dtype` (default: the model's), on the CPU. The model is left unchanged. See the module docstring."""
+    default), in `dtype` (default: the model's), on the CPU. The model is left unchanged. `fetch(params)` gives the
+    full values of a list of parameters (default: the parameters themselves; under ZeRO-3 an engine's `fetch`,
+    which gathers them to rank 0 only and gives None elsewhere); a process that does not build (`build=False`, or
+    fetch gives None) takes part in the fetching and returns None. See the module docstring."""
     if isinstance(model, MaskedModel):  # masks are not part of the model's state
         decision = decision or model.decision()
         model = model.model
     if decision is None:
         raise ValueError("materialize needs a decision (or a MaskedModel holding one)")
     fam = family_of(model)
-    gather = gather or _whole
+    fetch = fetch or _whole
     dense = decision.dense
     target_dtype = dtype or next(model.parameters()).dtype
     base = base_model(model, fam)
@@ -137,9 +144,11 @@ def materialize(model, decision: Decision | None = None, dtype: torch.dtype | No
     for name, p in model.named_parameters():
         if name.startswith(layers_prefix):
             continue
-        with gather([p]):
-            if build:
-                out[name] = outside_tensor(name, p.detach().float().cpu())
+        t = fetch([p])
+        if t is None:
+            build = False
+        elif build:
+            out[name] = outside_tensor(name, t[0].float().cpu())
     if build:
         for name, b in _persistent_buffers(model):
             if not name.startswith(layers_prefix):
@@ -152,8 +161,8 @@ def materialize(model, decision: Decision | None = None, dtype: torch.dtype | No
     for i, (layer, ld) in enumerate(zip(layers, decision.layers)):
         if not ld.present:
             continue  # the whole layer is gone
-        sd = _read(layer, gather, build)
-        if not build:
+        sd = _read(layer, fetch)
+        if sd is None or not build:
             continue
         dst = f"{layers_prefix}{new_index}."
         new_index += 1

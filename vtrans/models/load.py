@@ -11,6 +11,7 @@ import torch
 from .common import FAMILIES
 
 
+TASK_HEADS = {"causal_lm": "lm", "sequence_classification": "cls", "question_answering": "qa"}  # Family heads
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -54,9 +55,10 @@ def read_model_config(model_cfg):
     source, kwargs = resolve_model_source(model_cfg)
     config = AutoConfig.from_pretrained(source, trust_remote_code=model_cfg.trust_remote_code, **kwargs)
     family = family_of(config)
-    if model_cfg.task == "question_answering" and "qa" not in family.pruned_models:
-        qa = sorted(f.name for f in FAMILIES.values() if "qa" in f.pruned_models)
-        raise ValueError(f"model.task=question_answering is supported for the model families {qa}; "
+    head = TASK_HEADS[model_cfg.task]
+    if head not in family.pruned_models:
+        able = sorted(f.name for f in FAMILIES.values() if head in f.pruned_models)
+        raise ValueError(f"model.task={model_cfg.task} is supported for the model families {able}; "
                          f"{model_cfg.name_or_path or model_cfg.package!r} is a {family.name!r} model")
     return config
 
@@ -179,9 +181,18 @@ def _checkpoint_reader(source: str, kwargs: dict, sharded, cls, config):
     if files:
         from safetensors import safe_open
 
-        handles = {f: safe_open(str(f), framework="pt") for f in files}  # headers only until a tensor is read
-        where = {key: f for f, h in handles.items() for key in h.keys()}
-        return list(where), lambda key: handles[where[key]].get_tensor(key)
+        where = {}
+        for f in files:  # headers only
+            with safe_open(str(f), framework="pt") as h:
+                where.update({key: f for key in h.keys()})
+
+        def read(key: str) -> torch.Tensor:
+            # one mapping per tensor, closed after the copy: pages of the file read so far do not stay in this
+            # process's memory (a handle kept open keeps every page it served mapped and resident)
+            with safe_open(str(where[key]), framework="pt") as h:
+                return h.get_tensor(key).clone()
+
+        return list(where), read
     bins = sorted(root.glob("*.bin"))
     if not bins:
         raise FileNotFoundError(f"{root} holds no *.safetensors or *.bin checkpoint")
