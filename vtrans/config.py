@@ -19,6 +19,7 @@ METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
+PPL_PROTOCOLS = ("", "blocks", "sliding_window", "published")
 # metrics a job can report as its objective (eval.primary); ppl is lower-is-better, the others higher-is-better
 PRIMARY_METRICS = ("", "ppl", "accuracy", "f1", "matthews_corrcoef", "pearson", "spearman", "exact_match",
                    "lm_eval_mean")
@@ -237,6 +238,10 @@ class EvalConfig:
     perplexity (window / stride from `data`) and optional zero-shot tasks through lm-evaluation-harness;
     classification accuracy / F1 / Matthews (GLUE), regression Pearson / Spearman (num_labels=1, STS-B);
     question answering exact match / F1 with SQuAD v1.1's answer normalisation."""
+    protocol: str = ""  # causal LM perplexity: blocks (independent data.seq_len blocks of the EOS-joined documents) |
+    #                     sliding_window (data.eval_window / eval_stride) | published (non-overlapping data.seq_len
+    #                     windows of the "\n\n"-joined documents, as LLM-Pruner / FLAP / SliceGPT / TVA-Prune report
+    #                     WikiText-2); "" = sliding_window when data.eval_window is set, else blocks
     primary: str = ""  # the objective (the sweep's trade-off y axis); "" = the task's own:
     #                    ppl | accuracy | pearson (num_labels=1) | f1 (QA)
     batch_size: int = 8
@@ -252,6 +257,7 @@ class EvalConfig:
 
     def __post_init__(self):
         _one_of("eval.primary", self.primary, PRIMARY_METRICS)
+        _one_of("eval.protocol", self.protocol, PPL_PROTOCOLS)
         for name in ("batch_size", "qa_doc_stride", "qa_max_answer_len", "qa_n_best"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
@@ -361,6 +367,15 @@ class Config:
             raise ValueError(f"budget.multiple_of={self.budget.multiple_of} does not apply with export_uniform=true "
                              "(the uniform decision sets one width per structure for stock classes); use "
                              "budget.multiple_of=1 or export_uniform=false")
+        if self.eval.protocol == "sliding_window" and not self.data.eval_window:
+            raise ValueError("eval.protocol=sliding_window needs data.eval_window (and optionally data.eval_stride)")
+        if self.eval.protocol in ("blocks", "published") and self.data.eval_window:
+            raise ValueError(f"eval.protocol={self.eval.protocol} scores non-overlapping data.seq_len windows, but "
+                             f"data.eval_window={self.data.eval_window} is set; unset it or use "
+                             "eval.protocol=sliding_window")
+        if self.eval.protocol and self.model.task != "causal_lm":
+            raise ValueError(f"eval.protocol={self.eval.protocol} is a perplexity protocol for causal LMs; "
+                             f"model.task={self.model.task}")
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
         if self.model.task == "question_answering":

@@ -151,7 +151,7 @@ class RunLogger:
             return
         for k, v in values.items():
             s = _scalar(v)
-            if s is not None and not (isinstance(s, float) and math.isnan(s)):
+            if s is not None and not (isinstance(s, float) and not math.isfinite(s)):
                 self.run.summary[k] = s
             elif isinstance(v, str):
                 self.run.summary[k] = v

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from .masks.materialize import materialize
 from .masks.scoring import score_masks, warm_start as spread_scores
 from .models import save_pruned, shape_of, to_stock
 from .models.load import load_model, read_model_config
+from .strict_json import write as write_json
 from .objectives import target_ratio
 
 log = logging.getLogger("vtrans")
@@ -133,6 +133,8 @@ def task_data(cfg: Config, tokenizer, docs: list, training: bool = False):
     dc = cfg.data
     if cfg.model.task == "causal_lm":
         limit = (dc.max_train_blocks if training else dc.max_eval_blocks) or None
+        if not training and cfg.eval.protocol == "published":
+            return D.lm_windows(tokenizer, docs, dc.seq_len, limit)
         return D.lm_blocks(tokenizer, docs, dc.seq_len, limit)
     if cfg.model.task == "sequence_classification":
         return D.ClassificationData.from_documents(tokenizer, docs, dc.seq_len)
@@ -325,7 +327,8 @@ def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eva
         total = _ppl_batches(data, ec.batch_size, window, stride)
         with progress(model, total, f"{desc} (perplexity)", cfg.progress, size):
             r = perplexity(model, data, batch_size=ec.batch_size, window=window, stride=stride)
-        metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
+        protocol = "published" if ec.protocol == "published" else r["protocol"]  # its own windows, scored as blocks
+        metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": protocol,
                    "eval_window": r["window"] or dc.seq_len, "eval_stride": r["stride"] or dc.seq_len}
         if lm_eval:
             metrics.update(lm_eval_metrics(model, tokenizer, ec))
@@ -377,7 +380,14 @@ def save_model(model, tokenizer, model_dir: Path, decision: Decision | None = No
         model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     if decision is not None:
-        (model_dir / DECISION_FILE).write_text(json.dumps(decision.record()))
+        write_json(model_dir / DECISION_FILE, decision.record())
+
+
+def write_metrics(out: Path, metrics: dict) -> Path:
+    """<out>/metrics.json as strict JSON: non-finite values (a diverged perplexity, an inf loss) written as null and
+    their keys listed under `non_finite_keys` (present, maybe empty, in every metrics.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return write_json(out / "metrics.json", metrics, flag=True, indent=2, sort_keys=True)
 
 
 def set_objective(cfg: Config, metrics: dict) -> None:

@@ -1,15 +1,13 @@
 """Jobs: each is `run(cfg, out) -> metrics`, built from the stages in vtrans.pipeline; `run` here validates the
 config, dispatches on `job`, picks the job's objective (the metric sweeps optimise and plot) and writes metrics.json
-on rank 0."""
+on rank 0 (strict JSON: non-finite values as null, listed under `non_finite_keys`)."""
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import math
 
 from ..config import load_config
-from ..pipeline import is_main_process, output_dir, set_objective
+from ..pipeline import is_main_process, output_dir, set_objective, write_metrics
 
 log = logging.getLogger("vtrans")
 
@@ -26,14 +24,5 @@ def run(cfg) -> dict:
     metrics.setdefault("job", cfg.job)
     set_objective(cfg, metrics)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_json_default))
+        write_metrics(out, metrics)
     return metrics
-
-
-def _json_default(v):
-    if hasattr(v, "item"):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return str(v)

@@ -8,7 +8,6 @@ that is already stock (pruned with export_uniform=true) is exported as it is.
 Either way the export is reloaded and its outputs compared with the source model's."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -19,6 +18,7 @@ import torch
 
 from .. import pipeline as P
 from ..config import Config
+from ..strict_json import write as write_json
 from ..decision import DECISION_FILE
 from ..log import RunLogger
 from ..models import family_of, is_pruned, save_pruned, to_stock
@@ -82,7 +82,7 @@ def run(cfg: Config, out: Path) -> dict:
     info = {"source": str(src), "format": "vtrans" if remote_code else "stock",
             "trust_remote_code": remote_code, "model_type": reloaded.config.model_type,
             "architectures": reloaded.config.architectures}
-    (dest / "vtrans_export.json").write_text(json.dumps(info, indent=2))
+    write_json(dest / "vtrans_export.json", info, indent=2)
     metrics = {**info, "export_dir": str(dest), "max_abs_diff": diff,
                "size_bytes": sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()),
                "flops_seq_len": cfg.budget.flops_seq_len}

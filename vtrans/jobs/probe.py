@@ -19,6 +19,7 @@ import torch
 
 from .. import pipeline as P
 from ..config import Config
+from ..strict_json import write as write_json
 from ..decision import DECISION_FILE
 from ..log import RunLogger, write_csv
 from ..models import base_model, family_of, get_module, shape_of
@@ -248,8 +249,7 @@ def run(cfg: Config, out: Path) -> dict:
     metrics = {"kept_from": source, "probe_examples": len(texts), **summary}
     if P.is_main_process():
         write_csv(rows, out / "probe.csv")
-        (out / "probe.json").write_text(json.dumps({"summary": summary, "kept_heads": kept, "heads": rows},
-                                                   indent=2))
+        write_json(out / "probe.json", {"summary": summary, "kept_heads": kept, "heads": rows}, indent=2)
         plot(rows, summary, out / "probe.png")
         metrics.update(probe_csv=str(out / "probe.csv"), probe_json=str(out / "probe.json"),
                        probe_png=str(out / "probe.png"))

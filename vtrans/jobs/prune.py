@@ -137,8 +137,8 @@ def _print_summary(m: dict) -> None:
     if "pearson_dense" in m:
         rows.append(("held-out Pearson", f"{m['pearson_dense']:.4f}", f"{m['pearson_pruned']:.4f}"))
     if "exact_match_dense" in m:
-        rows.append(("held-out exact match", f"{m['exact_match_dense']:.4f}", f"{m['exact_match_pruned']:.4f}"))
-        rows.append(("held-out SQuAD F1", f"{m['f1_dense']:.4f}", f"{m['f1_pruned']:.4f}"))
+        rows.append(("held-out exact match", f"{m['exact_match_dense']:.2f}", f"{m['exact_match_pruned']:.2f}"))
+        rows.append(("held-out SQuAD F1", f"{m['f1_dense']:.2f}", f"{m['f1_pruned']:.2f}"))
     name = f"{m['variant']}-VTrans" if m["method"] == "vib" else f"one-shot {m['method']} baseline"
     lines = [f"vtrans {name}: parameter reduction {m['param_reduction']:.1%}, "
              f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",
