@@ -319,10 +319,14 @@ class LoggerConfig:
     name: str = ""  # "" = in a multirun, the job's overrides (e.g. budget.target=0.5); else W&B's
     tags: list[str] = field(default_factory=list)
     mode: str = "offline"  # wandb mode: offline (no network; `wandb sync` later) | online | disabled
+    console: str = "wrap"  # the job's stdout / stderr in the run: wrap (Python-level) | redirect (file descriptors) | off
+    system_metrics: bool = True  # CPU / memory / GPU / network use, sampled by W&B
+    log_artifacts: bool = True  # the model (directory or GGUF), its decision and metrics.json as W&B artifacts
 
     def __post_init__(self):
         _one_of("logger.kind", self.kind, LOGGERS)
         _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
+        _one_of("logger.console", self.console, ("wrap", "redirect", "off"))
 
 
 @dataclass

@@ -390,6 +390,20 @@ def write_metrics(out: Path, metrics: dict) -> Path:
     return write_json(out / "metrics.json", metrics, flag=True, indent=2, sort_keys=True)
 
 
+def report(cfg: Config, out: Path, metrics: dict, logger, artifacts: dict | None = None) -> dict:
+    """The report stage, last in every job: the objective, metrics.json (rank 0), the W&B summary, the artifacts
+    (`artifacts`: kind -> file or directory, e.g. the model and its decision; metrics.json is added) and the end of
+    the W&B run."""
+    metrics.setdefault("job", cfg.job)
+    set_objective(cfg, metrics)
+    if is_main_process():
+        write_metrics(out, metrics)
+    logger.summary(metrics)
+    logger.artifacts({**(artifacts or {}), "metrics": out / "metrics.json"})
+    logger.finish()
+    return metrics
+
+
 def set_objective(cfg: Config, metrics: dict) -> None:
     """metrics["objective"] = the primary metric of the job's resulting model (eval.primary, else the task's own:
     ppl, accuracy, pearson for regression, f1 for QA); "objective_name" names it, "objective_mode" says min/max."""

@@ -88,8 +88,6 @@ def run(cfg: Config, out: Path) -> dict:
                "flops_seq_len": cfg.budget.flops_seq_len}
     metrics.update(P.size_metrics(exported, cfg.budget.flops_seq_len))
     metrics["wall_time_s"] = time.perf_counter() - t0
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"model": dest, "decision": dest / DECISION_FILE})
     log.info("exported %s -> %s (%s format, max |diff| %.2g)", src, dest, info["format"], diff)
     return metrics

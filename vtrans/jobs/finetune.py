@@ -50,9 +50,10 @@ def run(cfg: Config, out: Path) -> dict:
                                    "weight_decay": cfg.optim.weight_decay}], cfg)
     train = data.train.tensors() if hasattr(data.train, "tensors") else data.train  # dicts of tensors (QA too)
     t_train = time.perf_counter()
-    history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
-                  cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
-                  desc="finetune", checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
+    with logger.preemption():
+        history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
+                      cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
+                      desc="finetune", checkpointer=Checkpointer.from_config(cfg.checkpoint, out))
     engine.consolidate()  # ZeRO-3: gather the trained shards back in full before evaluating and saving
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]
@@ -70,7 +71,5 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["model_dir"] = str(model_dir)
         metrics.update(write_structure(rows, out, "structure of the fine-tuned model"))
     metrics["wall_time_s"] = time.perf_counter() - t0
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"model": metrics.get("model_dir")})
     return metrics

@@ -256,9 +256,7 @@ def run(cfg: Config, out: Path) -> dict:
         logger.table("probe/heads", rows)
         logger.image("probe/plot", out / "probe.png")
     metrics["wall_time_s"] = time.perf_counter() - t0
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"probe": out / "probe.json"})
     log.info("probe: mean attention on special tokens: kept heads %s, pruned heads %s",
              summary["kept_special_mean"], summary["pruned_special_mean"])
     return metrics

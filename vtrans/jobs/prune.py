@@ -14,6 +14,7 @@ from .. import pipeline as P
 from ..accounting import flops_per_token, model_numel, param_count
 from ..checkpoint import Checkpointer, batch_stream
 from ..config import Config
+from ..decision import DECISION_FILE
 from ..engine import fit, make_engine
 from ..log import RunLogger, rows_from_decision
 from ..masks.decide import check_reachable
@@ -60,9 +61,11 @@ def run(cfg: Config, out: Path) -> dict:
                                                          optim.distill_lr), cfg)
         on_step = P.iterative_decisions(mm, budget, module.warmup_steps, module.final_ratio, cfg.budget.decide_every,
                                         optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
-        history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
-                      optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
-                      progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step)
+        with logger.preemption():
+            history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
+                          optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
+                          progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer,
+                          on_step=on_step)
         train_time = time.perf_counter() - t_init
         engine.consolidate()  # ZeRO-3: every rank gathers the trained shards back in full before decide / materialise
         is_main = engine.is_main
@@ -114,9 +117,7 @@ def run(cfg: Config, out: Path) -> dict:
         P.save_model(pruned, tokenizer, model_dir, decision)
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"model": model_dir, "decision": model_dir / DECISION_FILE})
     if is_main:
         _print_summary(metrics)
     return metrics
