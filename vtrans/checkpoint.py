@@ -1,8 +1,10 @@
 """Checkpoints of a training run and resuming from them. A checkpoint is a directory `step-NNNNNNNN` holding the
 engine's state (weights, masks, multipliers, optimizer; DeepSpeed's own format under DeepSpeed), every rank's RNG
 states and the data position; it is written to a temporary directory, fsynced and renamed, then the `latest` pointer
-is replaced atomically, so a kill at any moment leaves the latest checkpoint readable. SIGTERM / SIGUSR1 handlers only
-set a flag: the training loop saves at the next step boundary (and stops after SIGTERM)."""
+is replaced atomically, so a kill at any moment leaves the latest checkpoint readable. SIGTERM / SIGUSR2 / SIGUSR1
+handlers only set a flag: the training loop saves at the next step boundary (and stops after SIGTERM and SIGUSR2).
+A handler that was installed before ours (submitit's SIGUSR2 handler, which requeues the job) is called once the
+stop checkpoint is saved (`hand_over`), not while a step is running."""
 from __future__ import annotations
 
 import itertools
@@ -27,9 +29,13 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 # ------------------------------------------------------------------------------------------------ signals
 
-STOP_SIGNALS = (signal.SIGTERM,)  # Slurm preemption / requeue / scancel: save, then end the run
+# Slurm preemption / requeue / scancel (TERM); submitit's preemption and time-limit signal (USR2, its
+# --signal=USR2@signal_delay_s): save, then end the run
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 SAVE_SIGNALS = (signal.SIGUSR1,)  # the time-limit warning (--signal=B:USR1@120) or a manual request: save, go on
 _requests = {"save": False, "stop": False}
+_stopped_by: list = []  # the stop signal received (kept past clear_requests: hand_over reads it after the save)
+_previous: dict = {}  # signal -> the Python handler it had before ours (e.g. submitit's requeue on USR2)
 
 
 class Preempted(SystemExit):
@@ -41,13 +47,34 @@ class Preempted(SystemExit):
 
 
 def _on_signal(signum, frame) -> None:
-    _requests["stop" if signum in STOP_SIGNALS else "save"] = True
+    if signum in STOP_SIGNALS:
+        _requests["stop"] = True
+        _stopped_by[:] = [signum]
+    else:
+        _requests["save"] = True
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM -> save at the next step boundary and stop; SIGUSR1 -> save at the next step boundary."""
+    """SIGTERM, SIGUSR2 -> save at the next step boundary and stop; SIGUSR1 -> save at the next step boundary.
+    Python handlers found in place (submitit installs its own before the job runs) are kept for `hand_over`."""
     for sig in STOP_SIGNALS + SAVE_SIGNALS:
-        signal.signal(sig, _on_signal)
+        previous = signal.signal(sig, _on_signal)
+        if callable(previous) and previous is not _on_signal:
+            _previous[sig] = previous
+
+
+def hand_over() -> None:
+    """After a stop checkpoint (`Preempted`): call the handler the stop signal had before ours, so the launcher does
+    its part, e.g. submitit's USR2 handler requeues the job (resubmitting the same Hydra job, which resumes from the
+    checkpoint) and exits. Nothing when the signal had no Python handler (plain sbatch: the template requeues)."""
+    if not _stopped_by:
+        return
+    sig = _stopped_by.pop()
+    handler = _previous.get(sig)
+    if handler is not None:
+        log.info("handing %s over to the handler installed before vtrans' (%s)", signal.Signals(sig).name,
+                 getattr(handler, "__qualname__", handler))
+        handler(sig, None)
 
 
 def request_save() -> None:
