@@ -19,6 +19,8 @@ METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
+EXPORT_FORMATS = ("hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0")  # vtrans.gguf.GGUF_TYPES (kept here so validation imports no model code)
 PPL_PROTOCOLS = ("", "blocks", "sliding_window", "published")
 # metrics a job can report as its objective (eval.primary); ppl is lower-is-better, the others higher-is-better
 PRIMARY_METRICS = ("", "ppl", "accuracy", "f1", "matthews_corrcoef", "pearson", "spearman", "exact_match",
@@ -319,7 +321,7 @@ class LoggerConfig:
     name: str = ""  # "" = in a multirun, the job's overrides (e.g. budget.target=0.5); else W&B's
     tags: list[str] = field(default_factory=list)
     mode: str = "offline"  # wandb mode: offline (no network; `wandb sync` later) | online | disabled
-    console: str = "wrap"  # the job's stdout / stderr in the run: wrap (Python-level) | redirect (file descriptors) | off
+    console: str = "wrap"  # the job's stdout / stderr in the run: wrap (Python level) | redirect (descriptors) | off
     system_metrics: bool = True  # CPU / memory / GPU / network use, sampled by W&B
     log_artifacts: bool = True  # the model (directory or GGUF), its decision and metrics.json as W&B artifacts
 
@@ -352,10 +354,20 @@ class Config:
     #                      job=finetune, the source of job=export, what job=evaluate scores instead of `model`, and
     #                      where job=probe reads the kept heads; `model` stays the dense teacher / reference
     export_uniform: bool = False  # export a uniform shape that loads with stock transformers classes
+    export_format: str = "hf"  # job=export: hf (a transformers directory) | gguf (one .gguf file for llama.cpp;
+    #                           LLaMA family, per-layer shapes included)
+    export_gguf_type: str = "f16"  # export_format=gguf: f32 | f16 | q8_0 (2-D weights; norms and biases stay f32)
     progress: bool = True  # progress bars on rank 0
 
     def __post_init__(self):
         _one_of("job", self.job, JOBS)
+        _one_of("export_format", self.export_format, EXPORT_FORMATS)
+        _one_of("export_gguf_type", self.export_gguf_type, GGUF_TYPES)
+        if self.export_format == "gguf" and self.job != "export":
+            raise ValueError(f"export_format=gguf applies to job=export (got job={self.job}); prune first, then "
+                             "job=export model_dir=<the pruned model> export_format=gguf")
+        if self.export_format == "gguf" and self.model.task != "causal_lm":
+            raise ValueError(f"export_format=gguf writes causal LMs for llama.cpp; model.task={self.model.task}")
         if self.job in ("finetune", "export") and not self.model_dir:
             raise ValueError(f"job={self.job} needs model_dir: the pruned model directory (a prune job's "
                              "<output_dir>/model)")
