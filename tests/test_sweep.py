@@ -186,7 +186,8 @@ def test_submitit_job_signalled_saves_requeues_and_resumes(dense, tmp_path, slur
     want = json.loads((reference / "0" / "metrics.json").read_text())
 
     sweep_dir = tmp_path / "signalled"
-    cmd = command(sweep_dir, "logger=wandb", "hydra/launcher=submitit_slurm", f"hydra.launcher.partition={slurm_cluster.partition}",
+    cmd = command(sweep_dir, "logger=wandb", "hydra/launcher=submitit_slurm",
+                  f"hydra.launcher.partition={slurm_cluster.partition}",
                   f"hydra.launcher.timeout_min={timeout_min}", "hydra.launcher.cpus_per_task=1",
                   "hydra.launcher.max_num_timeout=2")
     sweep_dir.parent.mkdir(parents=True, exist_ok=True)
