@@ -21,6 +21,20 @@ def test_non_finite_values_become_null_and_are_listed():
     assert parsed[NON_FINITE_KEY] == found and parsed["ppl"] is None
 
 
+def test_checkpoint_state_is_strict_json(tmp_path):
+    """trainer_state.json holds every step's statistics; a non-finite one (e.g. an inf gradient norm) is null there."""
+    from vtrans.checkpoint import STATE_FILE, Checkpointer, TrainState
+    from vtrans.engine import Engine
+
+    module = torch.nn.Linear(2, 2)
+    engine = Engine(module, [{"params": list(module.parameters()), "lr": 0.1}])
+    history = [{"step": 1, "loss": 1.0, "grad_norm": math.inf}]
+    path = Checkpointer(tmp_path).save(engine, TrainState(step=1, samples=4, history=history))
+    state = loads((path / STATE_FILE).read_text())
+    assert state["history"] == [{"step": 1, "loss": 1.0, "grad_norm": None}]
+    assert Checkpointer(tmp_path).restore(Engine(module, [{"params": list(module.parameters()), "lr": 0.1}])).step == 1
+
+
 def test_the_strict_parser_rejects_what_python_json_writes_by_default():
     import json
 

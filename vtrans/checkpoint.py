@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import strict_json
+
 log = logging.getLogger("vtrans")
 POINTER = "latest"
 STATE_FILE = "trainer_state.json"
@@ -227,7 +229,7 @@ class Checkpointer:
         if engine.is_main:
             state = TrainState(step=state.step, samples=state.samples, history=state.history,
                                world_size=engine.world_size, engine=type(engine).__name__)
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+            (tmp / STATE_FILE).write_text(strict_json.dumps(asdict(state)))  # a diverged step's inf: null
         engine.barrier()  # every rank's files are written
         if engine.is_main:
             _fsync_tree(tmp)
