@@ -5,6 +5,7 @@ KV cache under torch.compile (CUDA graphs on GPU), next to parameters and FLOPs 
     python bench/speed.py --from-config --dense cfgs/dense --pruned cfgs/p20 cfgs/p50     # random weights
     python bench/speed.py --dense package:smollm2 --pruned runs/x/model --save-configs cfgs  # config.json only
     python bench/speed.py --dense package:smollm2 --pruned runs/x/model --rounds 3  # pooled over 3 rounds (CPU)
+    python bench/speed.py --engine llama.cpp --from-config --dense cfgs/dense --pruned cfgs/p50 --gguf-types f16 q8_0
 
 A model is a saved model directory (vtrans pruned classes load with trust_remote_code from the modeling files the
 directory carries, or from vtrans when it carries none; stock classes after a uniform export), `package:<name>` (conf/model/<name>.yaml,
@@ -21,10 +22,18 @@ Measured on one device (cuda if present, else cpu), bf16 on GPU / fp32 on CPU:
 - eager decode: the same loop without compilation on a DynamicCache (the usual `generate` path), for reference;
   its greedy tokens are the reference that the static, compiled decode must reproduce (a warning if not).
 Compilation and warm-up are never timed; their wall time is reported separately.
+
+`--engine llama.cpp` measures the deployment path instead: each model is written as GGUF (vtrans.gguf: `llama` for
+uniform shapes, `deci` with per-layer head / KV-head / FFN arrays for pruned ones) in each `--gguf-types` type and
+run through llama-cpp-python on the CPU: prefill tokens/s (one batch of each prompt length) and decode tokens/s (one
+token per llama_decode call after a --decode-prompt-len prompt, the greedy token picked between calls), each timing
+bracketing llama_decode + llama_synchronize (C time, not Python's), medians over repeats and rounds. Config-only
+models get the tokenizer of --tokenizer (default: the dense model's).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
 import json
@@ -440,6 +449,16 @@ def parse_args(argv=None):
     p.add_argument("--compile-prefill", choices=["auto", "on", "off"], default="auto", help="auto: on GPU only")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--out", metavar="FILE.md", help="also write the table there, and the full results to FILE.json")
+    p.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch", help="torch (transformers, eager / "
+                   "compiled) or llama.cpp (GGUF through llama-cpp-python, CPU)")
+    p.add_argument("--gguf-types", nargs="+", default=["f16"], help="llama.cpp engine: GGUF tensor types (f32 f16 "
+                   "q8_0)")
+    p.add_argument("--gguf-dir", default=None, help="llama.cpp engine: where the GGUF files are written (default: a "
+                   "temporary folder)")
+    p.add_argument("--tokenizer", default=None, help="llama.cpp engine: the tokenizer's model (default: --dense)")
+    p.add_argument("--repack", choices=["on", "off"], default="on", help="llama.cpp engine: llama.cpp's weight "
+                   "repacking (extra buffer types: AMX, SIMD layouts); off where its AMX path crashes (VMs that "
+                   "advertise AMX without granting it)")
     return p.parse_args(argv)
 
 
@@ -456,6 +475,8 @@ def main(argv=None) -> dict:
             label = args.names[i] if args.names else resolve(spec.removeprefix("config:"))[0]
             print(save_config(spec, Path(args.save_configs) / label.replace("/", "_")))
         return {}
+    if args.engine == "llama.cpp":
+        return main_llama_cpp(args, specs)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if cuda else torch.float32)
@@ -493,6 +514,184 @@ def main(argv=None) -> dict:
     text = table(rows, env)
     print(text)
     return {"environment": env, "rows": rows, "table": text}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The llama.cpp engine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    _, source, kwargs = resolve(spec.removeprefix("config:"))
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def bench_gguf(path: Path, vocab: int, args) -> dict:
+    """Prefill and decode tokens/s of one GGUF file through llama.cpp. Each timing brackets the llama_decode call and
+    llama_synchronize (the CPU backend may return before the graph has run): C time, not Python's. Decode picks
+    the greedy token from the last logits between the timed calls (the loop's own wall time is kept beside it)."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    longest = max(max(args.prompt_lens), args.decode_prompt_len + args.new_tokens)
+    from vtrans.gguf import without_weight_repacking
+
+    repacking = contextlib.nullcontext() if args.repack == "on" else without_weight_repacking()
+    with repacking:
+        llm = Llama(model_path=str(path), n_ctx=longest + 8, n_batch=max(args.prompt_lens + [args.decode_prompt_len]),
+                    n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+
+    def decode(tokens) -> float:
+        t = time.perf_counter()
+        llm.eval(tokens)
+        llama_cpp.llama_synchronize(llm.ctx)
+        return time.perf_counter() - t
+
+    def last_token() -> int:
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        return int(logits.argmax())
+
+    out = {"prefill": {}, "decode": {}}
+    try:
+        for n in args.prompt_lens:
+            ids = prompt_ids(vocab, 1, n, "cpu")[0].tolist()
+            rates = []
+            for rep in range(args.warmup + args.repeats):
+                llm.reset()
+                seconds = decode(ids)
+                if rep >= args.warmup:
+                    rates.append(n / seconds)
+            out["prefill"][str(n)] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates}
+        ids = prompt_ids(vocab, 1, args.decode_prompt_len, "cpu", seed=1)[0].tolist()
+        rates, walls, tokens = [], [], []
+        for rep in range(args.warmup + args.repeats):
+            llm.reset()
+            decode(ids)
+            tokens, seconds = [], 0.0
+            t = time.perf_counter()
+            for _ in range(args.new_tokens):
+                tokens.append(last_token())
+                seconds += decode([tokens[-1]])
+            wall = time.perf_counter() - t
+            if rep >= args.warmup:
+                rates.append(args.new_tokens / seconds)
+                walls.append(args.new_tokens / wall)
+        out["decode"] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates,
+                         "loop_tokens_per_s": statistics.median(walls), "prompt_len": args.decode_prompt_len,
+                         "new_tokens": args.new_tokens, "tokens": tokens}
+    finally:
+        llm.close()
+    return out
+
+
+def main_llama_cpp(args, specs: list[str]) -> dict:
+    """The llama.cpp engine: GGUF files of every model, timed in rounds (order reversed on odd rounds)."""
+    import tempfile
+
+    from vtrans import gguf as G
+    from vtrans.accounting import flops_per_token, model_numel
+    from vtrans.models import shape_of
+
+    if not G.llama_cpp_available():
+        raise SystemExit("--engine llama.cpp needs llama-cpp-python (scripts/setup.sh installs it)")
+    args.prompt_lens = args.prompt_lens or [128, 512]
+    args.repeats = args.repeats or 3
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.threads = args.threads or os.cpu_count()
+    gguf_dir = Path(args.gguf_dir or tempfile.mkdtemp(prefix="vtrans-gguf-"))
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.tokenizer or args.dense)
+    models = []  # per (model, type): what the table needs besides timings
+    for i, spec in enumerate(specs):
+        label, model, random_weights = load_model(spec, args.from_config, torch.device("cpu"), torch.float32)
+        label = args.names[i] if args.names else label
+        shape = shape_of(model)
+        top = max(args.prompt_lens)
+        for gguf_type in args.gguf_types:
+            path = gguf_dir / f"{label.replace('/', '_')}-{gguf_type}.gguf"
+            info = G.write(model, tokenizer, path, gguf_type, name=label)
+            models.append({"model": label, "gguf_type": gguf_type, "path": str(path), "arch": info["arch"],
+                           "placeholders": sum(bool(l["placeholder"]) for l in info["layers"]),
+                           "tensor_types": info["tensor_types"], "file_bytes": path.stat().st_size,
+                           "random_weights": random_weights, "vocab": model.config.vocab_size,
+                           "params": model_numel(model), "flops_per_token": float(flops_per_token(shape, top)),
+                           "flops_seq_len": top, "shape": shape.summary()})
+        print(f"{label}: GGUF {args.gguf_types} written", file=sys.stderr, flush=True)
+        del model
+        gc.collect()
+    import llama_cpp
+
+    threads = f"{args.threads} thread" + ("s" if args.threads > 1 else "")
+    env = {"device": _cpu_name().rsplit(" (", 1)[0] + f" ({threads})", "engine": "llama.cpp",
+           "llama_cpp_python": llama_cpp.__version__, "prompt_lens": args.prompt_lens,
+           "decode_prompt_len": args.decode_prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+           "warmup": args.warmup, "rounds": args.rounds, "threads": args.threads, "from_config": args.from_config,
+           "repack": args.repack}
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(models))}
+    for r in range(args.rounds):
+        for i in list(range(len(models)))[::-1 if r % 2 else 1]:
+            m = models[i]
+            runs[i].append(bench_gguf(Path(m["path"]), m["vocab"], args))
+            print(f"{m['model']} {m['gguf_type']} (round {r + 1}/{args.rounds}): decode "
+                  f"{runs[i][-1]['decode']['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    rows = []
+    for i, m in enumerate(models):
+        row = dict(m, prefill={}, decode={})
+        for n in map(str, args.prompt_lens):
+            rates = [x for run in runs[i] for x in run["prefill"][n]["all_tokens_per_s"]]
+            row["prefill"][n] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates}
+        rates = [x for run in runs[i] for x in run["decode"]["all_tokens_per_s"]]
+        row["decode"] = {"tokens_per_s": statistics.median(rates), "all_tokens_per_s": rates,
+                         "loop_tokens_per_s": statistics.median(
+                             x for run in runs[i] for x in [run["decode"]["loop_tokens_per_s"]]),
+                         "tokens": runs[i][-1]["decode"]["tokens"]}
+        rows.append(row)
+    text = llama_cpp_table(rows, env)
+    print(text)
+    if args.out:
+        _write(Path(args.out), text, env, rows)
+    return {"environment": env, "rows": rows, "table": text}
+
+
+def llama_cpp_table(rows: list[dict], env: dict) -> str:
+    """One row per (model, GGUF type); speed-ups against the first model of the same type."""
+    dense = {}
+    for r in rows:
+        dense.setdefault(r["gguf_type"], r)
+    lens = [str(n) for n in env["prompt_lens"]]
+    top = rows[0]["flops_seq_len"]
+    header = ["model", "GGUF", "arch", "params", "params ratio", f"FLOPs ratio @{top}", "file MB",
+              *[f"prefill tok/s @{n}" for n in lens], "decode tok/s", "ideal x (params / FLOPs)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in sorted(rows, key=lambda r: (env_order(rows, r["gguf_type"]), rows.index(r))):
+        d = dense[r["gguf_type"]]
+        params, flops = r["params"] / d["params"], r["flops_per_token"] / d["flops_per_token"]
+        cells = [r["model"], r["gguf_type"], r["arch"], f"{r['params']:,}", f"{params:.3f}", f"{flops:.3f}",
+                 f"{r['file_bytes'] / 1e6:.0f}"]
+        for n in lens:
+            v, base = r["prefill"][n]["tokens_per_s"], d["prefill"][n]["tokens_per_s"]
+            cells.append(f"{v:.0f} ({v / base:.2f}x)")
+        v, base = r["decode"]["tokens_per_s"], d["decode"]["tokens_per_s"]
+        cells += [f"{v:.1f} ({v / base:.2f}x)", f"{1 / params:.2f}x / {1 / flops:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    weights = "random weights from config.json; " if all(r["random_weights"] for r in rows) else ""
+    notes = (f"llama.cpp through llama-cpp-python {env['llama_cpp_python']}, {env['device']}; {weights}"
+             f"prefill: one batch of N tokens; decode: {env['new_tokens']} tokens one llama_decode call each after a "
+             f"{env['decode_prompt_len']}-token prompt; each timing brackets llama_decode + llama_synchronize (C, not "
+             "Python), "
+             f"medians of {env['repeats']} repeats x {env['rounds']} rounds (order reversed on odd rounds) after "
+             f"{env['warmup']} warm-up; llama.cpp weight repacking {env.get('repack', 'on')}. Speed-ups (x) against "
+             f"{rows[0]['model']} of the same GGUF type; ideal x = "
+             "1 / params ratio (decode reads every weight once per token) and 1 / FLOPs ratio (prefill is compute). "
+             "arch: llama (uniform layers) or deci (per-layer arrays).")
+    return "\n".join(lines) + "\n\n" + notes + "\n"
+
+
+def env_order(rows: list[dict], gguf_type: str) -> int:
+    return [r["gguf_type"] for r in rows].index(gguf_type)
 
 
 def merge_rounds(rounds: list[dict[int, dict]]) -> list[dict]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -128,6 +129,11 @@ def pruned_llama(assets, tmp_path_factory):
     (["finetune.lr=0"], r"finetune.lr=0.0 must be > 0"),
     (["probe.max_examples=0"], "probe.max_examples=0"),
     (["eval.qa_doc_stride=0"], r"eval.qa_doc_stride=0 must be >= 1"),
+    (["eval.protocol=rolling"], r"eval.protocol='rolling' is not accepted; choose one of \['', 'blocks', "
+                                r"'sliding_window', 'published'\]"),
+    (["eval.protocol=sliding_window"], "eval.protocol=sliding_window needs data.eval_window"),
+    (["eval.protocol=published", "data.eval_window=64"], "eval.protocol=published scores non-overlapping"),
+    (["model=minilm", "eval.protocol=published"], "is a perplexity protocol for causal LMs"),
 ])
 def test_job_fields_fail_at_validation_naming_the_field(override, match):
     with pytest.raises(ValueError, match=match):
@@ -191,6 +197,55 @@ def test_evaluate_sliding_window_perplexity_states_its_protocol(assets, tmp_path
     assert m["ppl"] > 1 and "params_dense" not in m  # the configured model itself was evaluated
 
 
+def test_evaluate_published_protocol_windows_the_joined_held_out_text(assets, tmp_path):
+    """eval.protocol=published: the held-out documents joined with "\n\n", tokenised once (the tokenizer's own
+    special tokens included), non-overlapping data.seq_len windows, mean NLL over every scored token; checked
+    against the same computation written out here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vtrans import pipeline as P
+
+    overrides = lm_overrides(assets, tmp_path, "job=evaluate", "eval.protocol=published")
+    m = run(compose_cfg(overrides))
+    assert m["eval_protocol"] == "published" and (m["eval_window"], m["eval_stride"]) == (32, 32)
+    _, held = P.documents(load_config(compose_cfg(overrides)))
+    tok = AutoTokenizer.from_pretrained(assets / "llama")
+    ids = torch.tensor(tok("\n\n".join(d.text for d in held))["input_ids"])
+    assert ids[0] == tok.cls_token_id  # the BERT tokenizer's own first token, as `tokenizer(text)` gives
+    n = min(len(ids) // 32, 6)  # data.max_eval_blocks=6
+    windows = ids[: n * 32].view(n, 32)
+    model = AutoModelForCausalLM.from_pretrained(assets / "llama").eval()
+    with torch.no_grad():
+        logits = model(windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert m["eval_tokens"] == n * 31 and m["nll"] == pytest.approx(float(nll), rel=1e-5)
+    blocks = run(compose_cfg(lm_overrides(assets, tmp_path / "b", "job=evaluate")))  # EOS-joined blocks differ
+    assert blocks["eval_protocol"] == "blocks" and blocks["nll"] != pytest.approx(m["nll"], rel=1e-6)
+
+
+def test_evaluate_a_model_with_an_inf_weight_writes_strict_json(assets, tmp_path):
+    """A diverged model (an inf weight: every logit NaN) still leaves metrics.json that strict parsers read: the
+    non-finite values are null and listed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vtrans.strict_json import loads
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    model.save_pretrained(tmp_path / "broken")
+    AutoTokenizer.from_pretrained(assets / "llama").save_pretrained(tmp_path / "broken")
+    m = run(compose_cfg(lm_overrides(assets, tmp_path / "out", "job=evaluate", f"model_dir={tmp_path / 'broken'}",
+                                     "logger=wandb")))
+    assert not np.isfinite(m["ppl"]) and not np.isfinite(m["objective"])
+    text = (tmp_path / "out" / "metrics.json").read_text()
+    saved = loads(text)  # raises on NaN / Infinity literals
+    assert "NaN" not in text and "Infinity" not in text
+    assert saved["ppl"] is None and saved["nll"] is None and saved["objective"] is None
+    assert {"ppl", "nll", "objective"} <= set(saved["non_finite_keys"])
+    assert saved["params"] == m["params"]  # the rest as usual
+
+
 def test_evaluate_classification_reports_glue_metrics(assets, tmp_path):
     m = run(compose_cfg(bert_overrides(assets, "bert_cls", "polarity.jsonl", tmp_path, "job=evaluate",
                                        "model.num_labels=2")))
@@ -216,7 +271,7 @@ def test_evaluate_squad_reports_exact_match_and_f1(assets, tmp_path):
     m = run(compose_cfg(bert_overrides(assets, "bert_qa", "squad.jsonl", tmp_path, "job=evaluate",
                                        "model.task=question_answering", "data.seq_len=64",
                                        "eval.qa_doc_stride=16")))
-    assert m["n"] == 10 and 0 <= m["exact_match"] <= m["f1"] <= 1
+    assert m["n"] == 10 and 0 <= m["exact_match"] <= m["f1"] <= 100  # the official script's 0-100 scale
     assert m["objective_name"] == "f1"
 
 
@@ -255,6 +310,28 @@ def test_a_local_lm_eval_task_runs_offline_through_the_evaluate_job(assets, tmp_
     assert m["objective_name"] == "lm_eval_mean" and m["objective"] == acc and m["ppl"] > 1
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["lm_eval_vtrans_tiny_mc_acc"] == acc
+
+
+def test_lm_eval_word_and_byte_perplexities_are_kept(assets, tmp_path):
+    """A wikitext-style rolling-loglikelihood task over local text (the YAML of lm-eval's `wikitext`, local data):
+    its word / byte perplexities and bits per byte land in the metrics."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    lines = (assets / "lee.txt").read_text().splitlines()[:6]
+    with open(tasks / "docs.jsonl", "w") as f:
+        for line in lines:
+            f.write(json.dumps({"page": line}) + "\n")
+    (tasks / "tiny_wikitext.yaml").write_text(
+        "task: vtrans_tiny_wikitext\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{page}}'\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    m = run(compose_cfg(lm_overrides(assets, tmp_path / "out", "job=evaluate",
+                                     "eval.lm_eval_tasks=[vtrans_tiny_wikitext]", f"eval.lm_eval_include_path={tasks}",
+                                     "data.seq_len=64")))
+    word, byte = m["lm_eval_vtrans_tiny_wikitext_word_perplexity"], m["lm_eval_vtrans_tiny_wikitext_byte_perplexity"]
+    assert word > byte > 1 and m["lm_eval_vtrans_tiny_wikitext_bits_per_byte"] == pytest.approx(np.log2(byte))
+    assert "lm_eval_mean" not in m  # no accuracy task
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -299,7 +376,7 @@ def test_finetune_question_answering_distils_start_and_end_logits(assets, tmp_pa
                                "model.task=question_answering", "data.seq_len=64", "eval.qa_doc_stride=16",
                                f"model_dir={src}", "finetune.steps=3", "finetune.lr=0.001", "optim.log_every=1")
     m = run(compose_cfg(overrides))
-    assert m["n_before"] == m["n_after"] == 10 and 0 <= m["f1_after"] <= 1
+    assert m["n_before"] == m["n_after"] == 10 and 0 <= m["f1_after"] <= 100
     assert m["objective_name"] == "f1_after" and m["params_ratio"] < 1
     assert m["final_loss"] > 0 and m["params"] == sum(p.numel() for p in pruned.parameters())
     tuned = AutoModelForQuestionAnswering.from_pretrained(m["model_dir"], trust_remote_code=True)

@@ -5,12 +5,12 @@ Covers the no-op resize (full shape == stock model), non-uniform pruned shapes (
 per-layer GQA, odd hidden sizes), cached generation, and save + reload with and without vtrans on the path.
 """
 import ast
+import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -358,9 +358,12 @@ def test_generate_with_cache_matches_full_forward_greedy(family, attn_implementa
     with torch.no_grad():
         # the zero-head layer 0 keeps the cache length right (cache.get_seq_length() reads layer 0)
         prefill = model(ids, use_cache=True)
-        assert all(prefill.cache.get_seq_length(i) == 5 for i in range(len(PRUNED_LAYERS[family])))
-        step = model(ids[:, :1] + 1, cache=prefill.cache, use_cache=True)
-        assert prefill.cache.get_seq_length() == 6
+        # transformers >= 5.24 names the cache `cache` (in and out); earlier 5.x `past_key_values`
+        cache = getattr(prefill, "cache", None) or prefill.past_key_values
+        assert all(cache.get_seq_length(i) == 5 for i in range(len(PRUNED_LAYERS[family])))
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = model(ids[:, :1] + 1, use_cache=True, **{cache_arg: cache})
+        assert cache.get_seq_length() == 6
         full = model(torch.cat([ids, ids[:, :1] + 1], dim=1), use_cache=False)
         torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
 

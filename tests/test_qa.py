@@ -96,8 +96,9 @@ def test_exact_match_and_f1_on_hand_made_cases():
                 QAExample("c", "q", "c", ["Paris"], [0])]
     s = squad_scores({"a": "broncos", "b": "1990 season"}, examples)  # "c" has no prediction: scores 0
     assert s["n"] == 3
-    assert s["exact_match"] == pytest.approx(1 / 3)  # "broncos" == the normalised "The Broncos"
-    assert s["f1"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)  # max over gold answers: "1990" gives 2/3
+    # the official script's 0-100 scale
+    assert s["exact_match"] == pytest.approx(100 / 3)  # "broncos" == the normalised "The Broncos"
+    assert s["f1"] == pytest.approx(100 * (1.0 + 2 / 3 + 0.0) / 3)  # max over gold answers: "1990" gives 2/3
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -194,7 +195,7 @@ def test_predictions_recover_gold_spans_and_respect_the_constraints(tokenizer, s
             start[f, s], end[f, e] = 10.0, 10.0
     start[:, 1], end[:, 1] = 50.0, 50.0  # a question token: never an answer
     preds = squad_predictions(start, end, feats, n_best=5, max_answer_len=30)
-    assert squad_scores(preds, examples)["exact_match"] == 1.0
+    assert squad_scores(preds, examples)["exact_match"] == 100.0
     # with max_answer_len 1, only one-token spans are allowed
     short = squad_predictions(start, end, feats, n_best=5, max_answer_len=1)
     assert all(len(tokenizer.tokenize(p)) == 1 for p in short.values())
@@ -268,7 +269,7 @@ def test_prune_job_prunes_a_bert_qa_model_that_reloads_in_a_fresh_process(squad_
     assert m["params_pruned"] == pytest.approx(0.8 * m["params_dense"], rel=0.04)  # one hidden channel is ~3 %
     assert seen["hidden"] < 32  # so qa_outputs lost input columns with the hidden channels
     for k in ("exact_match_dense", "f1_dense", "exact_match_pruned", "f1_pruned"):
-        assert 0 <= m[k] <= 1, k
+        assert 0 <= m[k] <= 100, k  # the official script's 0-100 scale
     assert m["objective_name"] == "f1_pruned" and m["objective"] == m["f1_pruned"]
     assert (m["heldout_documents"], m["train_documents"]) == (6, 30)  # whole articles: one (a second would exceed 9)
     saved = json.loads((out / "metrics.json").read_text())

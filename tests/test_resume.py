@@ -103,17 +103,43 @@ def test_resume_false_refuses_to_overwrite(uninterrupted):
 
 
 def test_signal_handlers_only_set_flags():
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         ckpt.install_signal_handlers()
         os.kill(os.getpid(), signal.SIGUSR1)
         assert ckpt.signal_requests() == (True, False)
         ckpt.clear_save_request()
-        os.kill(os.getpid(), signal.SIGTERM)  # the process goes on: the loop decides when to stop
-        assert ckpt.signal_requests() == (False, True)
+        for stop in (signal.SIGTERM, signal.SIGUSR2):  # the process goes on: the loop decides when to stop
+            os.kill(os.getpid(), stop)
+            assert ckpt.signal_requests() == (False, True)
+            ckpt.clear_requests()
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_a_handler_found_in_place_runs_after_the_stop_checkpoint_not_during_the_step():
+    """submitit installs a USR2 handler (checkpoint the submission, requeue, exit) before the job runs; vtrans' own
+    handler takes the signal, the loop saves and stops, and only then is submitit's handler called."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    calls = []
+    try:
+        signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # as submitit's would be
+        ckpt.install_signal_handlers()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert calls == [] and ckpt.signal_requests() == (False, True)  # nothing else happened yet
+        ckpt.clear_requests()  # what the training loop does once it has saved, before raising Preempted
+        ckpt.hand_over()
+        assert calls == [signal.SIGUSR2]
+        ckpt.hand_over()  # once
+        assert calls == [signal.SIGUSR2]
+        os.kill(os.getpid(), signal.SIGTERM)  # TERM had no Python handler before ours: nothing to hand over
+        ckpt.hand_over()
+        assert calls == [signal.SIGUSR2]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        ckpt._previous.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -151,3 +151,47 @@ def test_speed_bench_compiled_decode_matches_eager(model_dirs):
     assert d["compiled"] and d["fullgraph"] and d["compile_s"] > 0 and d["tokens_per_s"] > 0
     assert d["greedy_match"], (d["tokens"], d["eager_tokens"])
     assert row["prefill"]["8"]["compiled"] and row["prefill"]["8"]["fullgraph"]
+
+
+# ---------------------------------------------------------------------------------------------- the llama.cpp engine
+
+
+@pytest.fixture(scope="module")
+def gguf_model_dirs(tmp_path_factory):
+    """The dense and hand-pruned tiny LLaMAs with a byte-level BPE tokenizer (what GGUF needs) saved beside them."""
+    from tests.tiny import bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("speed_gguf")
+    tok = bpe_tokenizer()
+    dense = make_tiny("llama", vocab_size=len(tok))
+    dense.save_pretrained(root / "dense")
+    save_pruned(_hand_pruned(make_tiny("llama", vocab_size=len(tok))), root / "hand")
+    for d in ("dense", "hand"):
+        tok.save_pretrained(root / d)
+    return root
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (scripts/setup.sh installs it)")
+def test_llama_cpp_engine_times_gguf_files_of_each_model(gguf_model_dirs, tmp_path):
+    out = tmp_path / "speed_llama_cpp.md"
+    result = speed.main(["--engine", "llama.cpp", "--dense", str(gguf_model_dirs / "dense"), "--pruned",
+                         str(gguf_model_dirs / "hand"), "--names", "dense", "hand", "--gguf-types", "f32", "f16",
+                         "--gguf-dir", str(tmp_path / "gguf"), "--prompt-lens", "8", "16", "--decode-prompt-len", "4",
+                         "--new-tokens", "5", "--repeats", "1", "--warmup", "0", "--threads", "1", "--rounds", "2",
+                         "--out", str(out)])
+    rows = result["rows"]
+    assert [(r["model"], r["gguf_type"]) for r in rows] == [("dense", "f32"), ("dense", "f16"), ("hand", "f32"),
+                                                             ("hand", "f16")]
+    assert [r["arch"] for r in rows] == ["llama", "llama", "deci", "deci"]  # per-layer shapes: deci
+    for r in rows:
+        assert Path(r["path"]).is_file() and r["file_bytes"] == Path(r["path"]).stat().st_size
+        assert set(r["prefill"]) == {"8", "16"} and all(p["tokens_per_s"] > 0 for p in r["prefill"].values())
+        assert len(r["prefill"]["8"]["all_tokens_per_s"]) == 2  # one repeat x two rounds, pooled
+        assert r["decode"]["tokens_per_s"] > 0 and len(r["decode"]["tokens"]) == 5
+    assert rows[2]["params"] < rows[0]["params"] and rows[2]["flops_per_token"] < rows[0]["flops_per_token"]
+    lines = [line for line in result["table"].splitlines() if line.startswith("| ")]
+    assert len(lines) == 1 + 4 and lines[1].startswith("| dense | f32 | llama |")
+    assert "(1.00x)" in lines[1] and "llama_decode + llama_synchronize" in result["table"]
+    assert out.read_text() == result["table"]
+    assert json.loads(out.with_suffix(".json").read_text())["environment"]["engine"] == "llama.cpp"

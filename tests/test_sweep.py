@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,88 @@ def test_two_tasks_per_node_write_once(dense, tmp_path, slurm_cluster):
     assert len(runs) == 2 + 1  # one W&B run per job (rank 0) and the sweep's
     for job in ("0", "1"):
         assert len(list((sweep_dir / job).glob("metrics.json"))) == 1
+
+
+def _wait_for(what: str, cond, timeout: float, log=lambda: "") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"timed out waiting for {what}\n{log()[-6000:]}")
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("case,timeout_min", [("preempted", 20), ("timed-out", 10)])
+def test_submitit_job_signalled_saves_requeues_and_resumes(dense, tmp_path, slurm_cluster, case, timeout_min):
+    """A sweep job under hydra/launcher=submitit_slurm gets submitit's preemption / time-limit signal (USR2, sent as
+    submitit's own `job._interrupt()` does): vtrans saves a checkpoint at the next step and stops, submitit's handler
+    (called after the save) requeues the job, which resumes from the checkpoint, continues the same W&B run and ends
+    with the result of an uninterrupted run. submitit counts a USR2 as a time-out when the job has run past
+    min(0.8 x, x - 10 min) of its limit x (always, for timeout_min=10), then one requeue of max_num_timeout is used."""
+    import time
+
+    steps = 400
+    job_args = ["budget.target=0.6", f"optim.steps={steps}", "checkpoint.every=20", "optim.log_every=20"]
+    env = {**slurm_cluster.env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def command(sweep_dir, *extra):
+        return [sys.executable, str(LAUNCH), "-m", "model.package=", f"model.name_or_path={dense / 'llama'}",
+                "model.gguf_file=", f"data.source={dense / 'lee.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
+                "budget.count_embeddings=false", "progress=false", f"hydra.sweep.dir={sweep_dir}", *job_args, *extra]
+
+    reference = tmp_path / "reference"  # the same job, not interrupted (Hydra's basic launcher, here)
+    r = subprocess.run(command(reference), env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    want = json.loads((reference / "0" / "metrics.json").read_text())
+
+    sweep_dir = tmp_path / "signalled"
+    cmd = command(sweep_dir, "logger=wandb", "hydra/launcher=submitit_slurm",
+                  f"hydra.launcher.partition={slurm_cluster.partition}",
+                  f"hydra.launcher.timeout_min={timeout_min}", "hydra.launcher.cpus_per_task=1",
+                  "hydra.launcher.max_num_timeout=2")
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    launcher = subprocess.Popen(cmd, env=env, cwd=sweep_dir.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        def job_id():  # submitit's folder per job: the Slurm job id (<array id>_<task> for sweeps of several jobs)
+            found = [p.name for p in (sweep_dir / ".submitit").glob("[0-9]*") if p.is_dir()]
+            return found[0] if found else None
+
+        def log():
+            return "".join(p.read_text(errors="replace") for p in sorted((sweep_dir / ".submitit").rglob("*_log.*")))
+
+        latest = sweep_dir / "0" / "checkpoints" / "latest"
+        _wait_for("the job's first checkpoint", lambda: latest.is_file() and job_id(), 300, log)
+        job = job_id()
+        slurm_cluster.run("scancel", "--signal=USR2", job)  # what submitit's job._interrupt() does
+        _wait_for("the requeued job to be pending", lambda: slurm_cluster.job_state(job) == "PENDING", 120, log)
+        text = log()
+        assert f"this job is {case}" in text, text[-4000:]  # submitit's handler ran ...
+        assert "saved (signal)" in text and "handing SIGUSR2 over" in text  # ... after vtrans saved
+        state = json.loads((latest.parent / latest.read_text().strip() / "trainer_state.json").read_text())
+        stopped_at = state["step"]
+        assert 20 <= stopped_at < steps
+        slurm_cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")  # skip Slurm's requeue delay
+        out, _ = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            time.sleep(1)
+    assert launcher.returncode == 0, out[-5000:]
+    text = log()
+    resumed = re.search(r"resuming from \S+ at step (\d+)", text)
+    assert resumed and int(resumed.group(1)) == stopped_at, text[-4000:]
+    got = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert got["train_steps"] == steps
+    for key in ("params_pruned", "shape_pruned", "flops_pruned"):
+        assert got[key] == want[key], key
+    assert got["ppl_pruned"] == pytest.approx(want["ppl_pruned"], rel=1e-5)
+    runs = [read_offline_run(d) for d in offline_runs(sweep_dir / "0")]
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"]  # one W&B run, continued after the requeue
+    assert runs[0]["preempting"] and max(runs[0]["steps"]) <= stopped_at < min(runs[1]["steps"])

@@ -47,20 +47,22 @@ def wandb_records(path: Path):
 
 
 def read_offline_run(run_dir: Path) -> dict:
-    """group, name, job_type, config keys, history keys, summary (key -> JSON value) and media files of one
-    offline run folder (wandb/offline-run-*)."""
+    """id, group, name, job_type, config keys, history keys, summary (key -> JSON value), media files, artifacts
+    ((name, type, files) each), system-metric samples, console lines and exit code of one offline run folder
+    (wandb/offline-run-*)."""
     files = list(Path(run_dir).glob("run-*.wandb"))
     assert len(files) == 1, files
     deadline = time.monotonic() + 20  # W&B's writer process may still be flushing right after finish()
-    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(files[0])):
+    while files[0].stat().st_size < 7 or \
+            not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(files[0])):
         assert time.monotonic() < deadline, f"{files[0]} has no exit record: the run did not finish"
         time.sleep(0.2)
-    out = {"group": None, "name": None, "job_type": None, "config": {}, "history": set(), "summary": {},
-           "steps": set()}
+    out = {"id": None, "group": None, "name": None, "job_type": None, "config": {}, "history": set(), "summary": {},
+           "steps": set(), "artifacts": [], "stats": 0, "console": "", "exit_code": None, "preempting": False}
     for r in wandb_records(files[0]):
         kind = r.WhichOneof("record_type")
         if kind == "run":
-            out.update(group=r.run.run_group, name=r.run.display_name, job_type=r.run.job_type)
+            out.update(id=r.run.run_id, group=r.run.run_group, name=r.run.display_name, job_type=r.run.job_type)
             out["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
         elif kind == "config":
             out["config"].update({u.key: json.loads(u.value_json) for u in r.config.update if u.key})
@@ -73,6 +75,17 @@ def read_offline_run(run_dir: Path) -> dict:
         elif kind == "summary":
             for item in r.summary.update:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "artifact":
+            files = [e.path for e in r.artifact.manifest.contents]
+            out["artifacts"].append((r.artifact.name, r.artifact.type, files))
+        elif kind == "stats":
+            out["stats"] += 1
+        elif kind == "output_raw":
+            out["console"] += r.output_raw.line
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
+        elif kind == "preempting":
+            out["preempting"] = True
     out["media"] = sorted(str(p.relative_to(run_dir / "files")) for p in (run_dir / "files").rglob("*")
                           if p.is_file() and "media" in p.parts)
     return out
@@ -101,7 +114,7 @@ def test_offline_run_records_steps_structure_and_summary(tmp_path, monkeypatch):
     logger.summary({"params_pruned": 1000, "flops_pruned": 2.5e6, "ppl_pruned": 12.5, "wall_time_s": 3.2,
                     "variant": "faster", "nan_metric": float("nan")})
     logger.finish()
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60  # online mode without a network waits ~100 s before failing
     (run_dir,) = offline_runs(tmp_path)
     run = read_offline_run(run_dir)
     assert (run["group"], run["name"], run["job_type"]) == ("g1", "n1", "prune")
@@ -157,3 +170,65 @@ def test_structure_rows_and_heatmap_from_decisions_and_summaries():
     for r in (rows, rows2):
         fig = structure_figure(r)
         assert fig.axes[0].get_images()[0].get_array().shape == (3, len(r))
+
+
+# ---------------------------------------------------------------------------------------------- continuity
+
+from tests.test_jobs import assets, compose_cfg, lm_overrides  # noqa: E402,F401  (session fixture)
+
+
+def test_a_preempted_prune_job_resumes_the_same_wandb_run_with_artifacts(assets, tmp_path, monkeypatch):  # noqa: F811
+    """A prune job stopped after step 2 (the SIGTERM path: save, then Preempted) and run again with the same output
+    directory resumes from its checkpoint and continues the same W&B run: same id (saved in the output directory),
+    steps 1-2 in the first offline folder, 3-4 in the second; the first closed as preempting with exit code 143; the
+    second holds system metrics, the console and the model, decision and metrics.json artifacts."""
+    import pytest
+
+    from vtrans import checkpoint
+    from vtrans.jobs import run
+    from vtrans.log import RUN_ID_FILE
+
+    monkeypatch.setenv("WANDB_X_STATS_SAMPLING_INTERVAL", "0.5")  # system metrics sampled within these short runs
+    out = tmp_path / "out"
+    overrides = lm_overrides(assets, out, "logger=wandb", "optim.steps=4", "checkpoint.every=1", "budget.target=0.6")
+    real_log = RunLogger.log
+
+    def stop_after_step_2(self, step, values):
+        real_log(self, step, values)
+        if step == 2:
+            checkpoint.request_stop()  # what SIGTERM's handler does
+
+    monkeypatch.setattr(RunLogger, "log", stop_after_step_2)
+    with pytest.raises(checkpoint.Preempted) as stopped:
+        run(compose_cfg(overrides))
+    assert stopped.value.step == 2
+    checkpoint.clear_requests()
+    monkeypatch.setattr(RunLogger, "log", real_log)
+    run_id = json.loads((out / RUN_ID_FILE).read_text())["prune"]["id"]
+    m = run(compose_cfg(overrides))  # the requeued job: same output directory
+    assert m["train_steps"] == 4
+
+    first, second = (read_offline_run(d) for d in offline_runs(out))
+    assert first["id"] == second["id"] == run_id
+    assert first["steps"] == {1, 2} and first["preempting"] and first["exit_code"] == checkpoint.PREEMPTED_EXIT_CODE
+    assert second["steps"] == {3, 4} and second["exit_code"] == 0
+    assert second["summary"]["params_pruned"] == m["params_pruned"]
+    assert first["stats"] > 0 or second["stats"] > 0  # system metrics are on
+    assert second["console"].strip()  # the console (stdout / stderr) is recorded
+    kinds = {t: files for _, t, files in second["artifacts"]}
+    assert {"model", "decision", "metrics"} <= set(kinds)
+    assert "config.json" in kinds["model"] and any(f.endswith(".safetensors") for f in kinds["model"])
+    assert kinds["decision"] == ["vtrans_decision.json"] and kinds["metrics"] == ["metrics.json"]
+    ours = sorted(name for name, kind, _ in second["artifacts"] if kind != "run_table")  # W&B keeps tables so too
+    assert ours == [f"{run_id}-{k}" for k in ("decision", "metrics", "model")]
+
+
+def test_run_ids_are_kept_per_job_type_and_project(tmp_path):
+    from vtrans.log import save_run_id, saved_run_id
+
+    save_run_id(tmp_path, "prune", "vtrans", "abc12345")
+    save_run_id(tmp_path, "export", "vtrans", "def67890")
+    assert saved_run_id(tmp_path, "prune", "vtrans") == "abc12345"
+    assert saved_run_id(tmp_path, "export", "vtrans") == "def67890"
+    assert saved_run_id(tmp_path, "prune", "other-project") is None  # a new run there
+    assert saved_run_id(tmp_path / "elsewhere", "prune", "vtrans") is None

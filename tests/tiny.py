@@ -97,3 +97,27 @@ def save_tiny_with_tokenizer(directory, family: str = "llama", num_labels: int =
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def bpe_tokenizer(vocab_size: int = 400, pre_tokenizer=None, byte_level_regex: bool = False):
+    """A byte-level BPE tokenizer trained in a second on real text (gensim's Lee corpus): the tokenizer kind
+    llama.cpp reads (GGUF `gpt2` model), small enough for tiny models. `pre_tokenizer`: a `tokenizers` pre-tokenizer
+    placed before the byte-level step (default: GPT-2's ByteLevel regex alone), which then splits with GPT-2's regex
+    only with `byte_level_regex`."""
+    from gensim.test.utils import datapath
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    if pre_tokenizer is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizer, pre_tokenizers.ByteLevel(
+            add_prefix_space=False, use_regex=byte_level_regex)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    with open(datapath("lee_background.cor"), encoding="utf-8") as f:
+        tok.train_from_iterator((line for line in f if line.strip()), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")

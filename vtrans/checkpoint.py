@@ -5,10 +5,12 @@ written to a temporary directory (after checking the disk has room for it), fsyn
 pointer is replaced atomically, so a kill or a full disk at any moment leaves the latest checkpoint readable. A
 checkpoint resumes only under the same training fingerprint; an unreadable latest one falls back to the one before.
 
-Signals: SIGTERM and SIGINT ask the job to stop (at the next step boundary in training, after saving; at the next
-forward call or stage boundary elsewhere) and it exits 128 + the signal number (143, 130); a second SIGINT aborts at
-once. SIGUSR1 asks for a checkpoint at the next step boundary. The handlers only set flags, except inside an
-`abortable()` region (loading, tokenising: nothing to save), where the stop is raised at once."""
+Signals: SIGTERM, SIGINT and SIGUSR2 (submitit's preemption / time-limit signal) ask the job to stop (at the next step
+boundary in training, after saving; at the next forward call or stage boundary elsewhere) and it exits 128 + the
+signal number (143, 130, 140); a second SIGINT aborts at once. SIGUSR1 asks for a checkpoint at the next step
+boundary. The handlers only set flags, except inside an `abortable()` region (loading, tokenising: nothing to save),
+where the stop is raised at once. A handler that was installed before ours (submitit's SIGUSR2 handler, which
+requeues the job) is called once the job has stopped (`hand_over`), not while a step is running."""
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import strict_json
+
 log = logging.getLogger("vtrans")
 POINTER = "latest"
 STATE_FILE = "trainer_state.json"
@@ -37,10 +41,14 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 # ------------------------------------------------------------------------------------------------ signals
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # preemption / scancel / Ctrl-C: save if training, then end the job
+# Slurm preemption / requeue / scancel (TERM), Ctrl-C (INT), submitit's preemption and time-limit signal (USR2, its
+# --signal=USR2@signal_delay_s): save if training, then end the job
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 SAVE_SIGNALS = (signal.SIGUSR1,)  # the time-limit warning (--signal=B:USR1@120) or a manual request: save, go on
 _requests = {"save": False, "stop": 0}  # stop: the number of the signal that asked (0: none)
 _abortable = [0]  # depth of abortable() regions
+_stopped_by: list = []  # the stop signal received (kept past clear_requests: hand_over reads it after the stop)
+_previous: dict = {}  # signal -> the Python handler it had before ours (e.g. submitit's requeue on USR2)
 
 
 class Stopped(SystemExit):
@@ -56,7 +64,8 @@ class Stopped(SystemExit):
 
 
 class Preempted(Stopped):
-    """Training saved a checkpoint after SIGTERM / SIGINT and stops; a rerun of the same config resumes there."""
+    """Training saved a checkpoint after SIGTERM / SIGINT / SIGUSR2 and stops; a rerun of the same config resumes
+    there."""
 
     def __init__(self, step: int, signum: int = signal.SIGTERM):
         super().__init__(signum, step)
@@ -69,15 +78,34 @@ def _on_signal(signum, frame) -> None:
     if signum == signal.SIGINT and _requests["stop"]:
         raise KeyboardInterrupt  # a second Ctrl-C: abort now, without saving
     _requests["stop"] = signum
+    _stopped_by[:] = [signum]
     if _abortable[0]:
         raise Stopped(signum)
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM / SIGINT -> stop (training saves at the next step boundary first); SIGUSR1 -> save at the next step
-    boundary and go on."""
+    """SIGTERM / SIGINT / SIGUSR2 -> stop (training saves at the next step boundary first); SIGUSR1 -> save at the next
+    step boundary and go on. Python handlers found in place (submitit installs its own before the job runs; Python's
+    own Ctrl-C handler excepted) are kept for `hand_over`."""
     for sig in STOP_SIGNALS + SAVE_SIGNALS:
-        signal.signal(sig, _on_signal)
+        previous = signal.signal(sig, _on_signal)
+        if callable(previous) and previous not in (_on_signal, signal.default_int_handler):
+            _previous[sig] = previous
+
+
+def hand_over() -> None:
+    """After the job stopped on a signal (`Stopped`; `Preempted` once training saved): call the handler the stop signal
+    had before ours, so the launcher does its part, e.g. submitit's USR2 handler requeues the job (resubmitting the
+    same Hydra job, which resumes from the checkpoint) and exits. Nothing when the signal had no Python handler (plain
+    sbatch: the template requeues)."""
+    if not _stopped_by:
+        return
+    sig = _stopped_by.pop()
+    handler = _previous.get(sig)
+    if handler is not None:
+        log.info("handing %s over to the handler installed before vtrans' (%s)", signal.Signals(sig).name,
+                 getattr(handler, "__qualname__", handler))
+        handler(sig, None)
 
 
 def request_save() -> None:
@@ -395,7 +423,7 @@ class Checkpointer:
                     state = TrainState(step=state.step, samples=state.samples, history=state.history,
                                        world_size=engine.world_size, engine=type(engine).__name__,
                                        config=self.fingerprint or {})
-                    (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
+                    (tmp / STATE_FILE).write_text(strict_json.dumps(asdict(state)))  # a diverged step's inf: null
             except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
                 failed = e
             if engine.any_rank(failed is not None)[0]:  # also the barrier: every rank's files are written

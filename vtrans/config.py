@@ -21,6 +21,9 @@ METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
+EXPORT_FORMATS = ("hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0")  # vtrans.gguf.GGUF_TYPES (kept here so validation imports no model code)
+PPL_PROTOCOLS = ("", "blocks", "sliding_window", "published")
 # metrics a job can report as its objective (eval.primary); ppl is lower-is-better, the others higher-is-better
 PRIMARY_METRICS = ("", "ppl", "accuracy", "f1", "matthews_corrcoef", "pearson", "spearman", "exact_match",
                    "lm_eval_mean")
@@ -257,6 +260,10 @@ class EvalConfig:
     perplexity (window / stride from `data`) and optional zero-shot tasks through lm-evaluation-harness;
     classification accuracy / F1 / Matthews (GLUE), regression Pearson / Spearman (num_labels=1, STS-B);
     question answering exact match / F1 with SQuAD v1.1's answer normalisation."""
+    protocol: str = ""  # causal LM perplexity: blocks (independent data.seq_len blocks of the EOS-joined documents) |
+    #                     sliding_window (data.eval_window / eval_stride) | published (non-overlapping data.seq_len
+    #                     windows of the "\n\n"-joined documents, as LLM-Pruner / FLAP / SliceGPT / TVA-Prune report
+    #                     WikiText-2); "" = sliding_window when data.eval_window is set, else blocks
     primary: str = ""  # the objective (the sweep's trade-off y axis); "" = the task's own:
     #                    ppl | accuracy | pearson (num_labels=1) | f1 (QA)
     batch_size: int = 8
@@ -272,6 +279,7 @@ class EvalConfig:
 
     def __post_init__(self):
         _one_of("eval.primary", self.primary, PRIMARY_METRICS)
+        _one_of("eval.protocol", self.protocol, PPL_PROTOCOLS)
         for name in ("batch_size", "qa_doc_stride", "qa_max_answer_len", "qa_n_best"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
@@ -355,10 +363,14 @@ class LoggerConfig:
     name: str = ""  # "" = in a multirun, the job's overrides (e.g. budget.target=0.5); else W&B's
     tags: list[str] = field(default_factory=list)
     mode: str = "offline"  # wandb mode: offline (no network; `wandb sync` later) | online | disabled
+    console: str = "wrap"  # the job's stdout / stderr in the run: wrap (Python level) | redirect (descriptors) | off
+    system_metrics: bool = True  # CPU / memory / GPU / network use, sampled by W&B
+    log_artifacts: bool = True  # the model (directory or GGUF), its decision and metrics.json as W&B artifacts
 
     def __post_init__(self):
         _one_of("logger.kind", self.kind, LOGGERS)
         _one_of("logger.mode", self.mode, ("offline", "online", "disabled"))
+        _one_of("logger.console", self.console, ("wrap", "redirect", "off"))
 
 
 @dataclass
@@ -385,6 +397,9 @@ class Config:
     #                      job=finetune, the source of job=export, what job=evaluate scores instead of `model`, and
     #                      where job=probe reads the kept heads; `model` stays the dense teacher / reference
     export_uniform: bool = False  # export a uniform shape that loads with stock transformers classes
+    export_format: str = "hf"  # job=export: hf (a transformers directory) | gguf (one .gguf file for llama.cpp;
+    #                           LLaMA family, per-layer shapes included)
+    export_gguf_type: str = "f16"  # export_format=gguf: f32 | f16 | q8_0 (2-D weights; norms and biases stay f32)
     progress: bool = True  # progress bars on rank 0
 
     def __post_init__(self):
@@ -398,6 +413,13 @@ class Config:
                                  "(torch.cuda.is_available() is False); use device=auto or device=cpu")
         if self.optim.bf16_autocast and self.deepspeed.enabled:
             raise ValueError("optim.bf16_autocast is for the plain engine; under DeepSpeed set deepspeed.bf16=true")
+        _one_of("export_format", self.export_format, EXPORT_FORMATS)
+        _one_of("export_gguf_type", self.export_gguf_type, GGUF_TYPES)
+        if self.export_format == "gguf" and self.job != "export":
+            raise ValueError(f"export_format=gguf applies to job=export (got job={self.job}); prune first, then "
+                             "job=export model_dir=<the pruned model> export_format=gguf")
+        if self.export_format == "gguf" and self.model.task != "causal_lm":
+            raise ValueError(f"export_format=gguf writes causal LMs for llama.cpp; model.task={self.model.task}")
         if self.job in ("finetune", "export") and not self.model_dir:
             raise ValueError(f"job={self.job} needs model_dir: the pruned model directory (a prune job's "
                              "<output_dir>/model)")
@@ -416,6 +438,15 @@ class Config:
         if self.data.streaming and self.model.task != "causal_lm":
             raise ValueError(f"data.streaming=true is for causal LM token blocks; model.task={self.model.task} reads "
                              "its examples whole: set data.streaming=false")
+        if self.eval.protocol == "sliding_window" and not self.data.eval_window:
+            raise ValueError("eval.protocol=sliding_window needs data.eval_window (and optionally data.eval_stride)")
+        if self.eval.protocol in ("blocks", "published") and self.data.eval_window:
+            raise ValueError(f"eval.protocol={self.eval.protocol} scores non-overlapping data.seq_len windows, but "
+                             f"data.eval_window={self.data.eval_window} is set; unset it or use "
+                             "eval.protocol=sliding_window")
+        if self.eval.protocol and self.model.task != "causal_lm":
+            raise ValueError(f"eval.protocol={self.eval.protocol} is a perplexity protocol for causal LMs; "
+                             f"model.task={self.model.task}")
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
         if self.model.task == "question_answering":

@@ -633,6 +633,30 @@ def source_identity(source: str) -> dict:
         return {"source": source}
     st = path.stat()
     return {"source": source, "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def lm_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[Document | str],
+    seq_len: int,
+    max_blocks: int | None = None,
+    joiner: str = "\n\n",
+) -> torch.Tensor:
+    """The published perplexity protocol's input (LLM-Pruner, FLAP, SliceGPT, TVA-Prune on WikiText-2): the documents
+    joined with `joiner` into one text, tokenised once as the tokenizer does by default (a BOS first when it adds
+    one), cut into non-overlapping windows of `seq_len` tokens; the incomplete tail is dropped.
+
+    Returns a LongTensor [N, seq_len] (each window is then scored on its own: tokens 1..seq_len-1).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if max_blocks is not None and max_blocks < 1:
+        raise ValueError(f"max_blocks must be positive or None, got {max_blocks}")
+    stream = tokenizer(joiner.join(_texts(docs)), verbose=False)["input_ids"]
+    n = len(stream) // seq_len
+    if n < 1:
+        raise ValueError(f"{len(docs)} documents give {len(stream)} tokens, fewer than one window of seq_len={seq_len}")
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 @dataclass

@@ -340,8 +340,9 @@ def f1_answer_score(prediction: str, truth: str) -> float:
 
 
 def squad_scores(predictions: dict[str, str], examples: Sequence[QAExample]) -> dict:
-    """dict(exact_match, f1, n): the means over the questions of each score's max over the gold answers, as
-    fractions (x100 gives the usual SQuAD numbers). A question without a prediction scores 0."""
+    """dict(exact_match, f1, n): the means over the questions of each score's max over the gold answers, on the
+    0-100 scale of the official SQuAD v1.1 evaluation script (and of published tables). A question without a
+    prediction scores 0."""
     if not examples:
         raise ValueError("no questions to score")
     em = f1 = 0.0
@@ -350,7 +351,7 @@ def squad_scores(predictions: dict[str, str], examples: Sequence[QAExample]) -> 
         golds = ex.answers or [""]
         em += max(exact_match_score(pred, g) for g in golds)
         f1 += max(f1_answer_score(pred, g) for g in golds)
-    return {"exact_match": em / len(examples), "f1": f1 / len(examples), "n": len(examples)}
+    return {"exact_match": 100.0 * em / len(examples), "f1": 100.0 * f1 / len(examples), "n": len(examples)}
 
 
 def squad_predictions(
@@ -447,6 +448,12 @@ def lm_eval_task_manager(ec):
     return TaskManager(include_path=path)
 
 
+# lm-eval metrics kept in a job's metrics (lm_eval_<task>_<metric>): accuracies, and the word / byte perplexities and
+# bits per byte of rolling-loglikelihood tasks such as `wikitext` (whole-document scores, not token perplexity)
+_LM_EVAL_METRICS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity", "byte_perplexity",
+                    "bits_per_byte")
+
+
 def lm_eval_metrics(model: nn.Module, tokenizer, ec) -> dict:
     """Zero-shot (or few-shot) accuracy on eval.lm_eval_tasks through lm-evaluation-harness (imported lazily): its
     own tasks by name (their data comes from the hub), or tasks defined by YAML files in eval.lm_eval_include_path
@@ -473,7 +480,7 @@ def lm_eval_metrics(model: nn.Module, tokenizer, ec) -> dict:
     for task, r in results.items():
         for key, value in r.items():
             name, _, _filter = key.partition(",")
-            if name in ("acc", "acc_norm", "exact_match", "f1", "mcc") and isinstance(value, (int, float)):
+            if name in _LM_EVAL_METRICS and isinstance(value, (int, float)):
                 out[f"lm_eval_{task}_{name}"] = float(value)
         if isinstance(r.get("acc,none"), (int, float)):
             accs.append(float(r["acc,none"]))

@@ -1,8 +1,11 @@
-"""Rank-0 experiment logging: Weights & Biases (offline by default) or nothing. Also the per-layer structure
+"""Rank-0 experiment logging: Weights & Biases (offline by default) or nothing. A run's id is kept in its output
+directory (RUN_ID_FILE), so a resumed or requeued job continues the same W&B run. Also the per-layer structure
 table and heatmap (retained heads / neurons / hidden channels) that jobs log to W&B and write to their folder."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import math
 import re
@@ -11,6 +14,7 @@ from typing import Any
 
 log = logging.getLogger("vtrans")
 
+RUN_ID_FILE = "wandb_run.json"  # in a job's output directory: {job_type: {"id", "project"}} of its W&B runs
 STRUCTURE_COLUMNS = ("layer", "heads", "heads_dense", "kv_heads", "kv_heads_dense", "neurons", "neurons_dense",
                      "hidden", "hidden_dense")
 
@@ -85,12 +89,48 @@ def _scalar(v) -> float | int | None:
 # ---------------------------------------------------------------------------------------------- the logger
 
 
+def saved_run_id(out_dir: str | Path, job_type: str, project: str) -> str | None:
+    """The W&B run id an earlier attempt of this job (same output directory, job type and project) started."""
+    path = Path(out_dir) / RUN_ID_FILE
+    try:
+        entry = json.loads(path.read_text()).get(job_type) or {}
+    except (OSError, ValueError):
+        return None
+    return entry.get("id") if entry.get("project") == project else None
+
+
+def _new_run_id() -> str:
+    """Eight random lower-case letters and digits, the form of W&B's own run ids."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def save_run_id(out_dir: str | Path, job_type: str, project: str, run_id: str) -> None:
+    path = Path(out_dir) / RUN_ID_FILE
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        runs = {}
+    runs[job_type] = {"id": run_id, "project": project}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(runs, indent=2) + "\n")
+    tmp.replace(path)
+
+
 class RunLogger:
     """Logs to W&B on rank 0 only; a no-op on other ranks and with logger.kind=none.
 
-    `log` takes the training statistics every `optim.log_every` steps (under train/), `structure` the per-layer
-    kept counts (a wandb.Table plus a heatmap image), `summary` the final metrics; `finish` adds the expected-vs-
-    target size chart and closes the run. The run's config is the resolved job config.
+    The run id is saved in the output directory and reused with resume="allow": a job that resumes from its
+    checkpoint (a requeue, a restart with the same output_dir) continues the same run (offline: a second
+    offline-run-* folder with the same id, which `wandb sync` appends). System metrics and the console are recorded
+    (logger.system_metrics, logger.console). `log` takes the training statistics every `optim.log_every` steps (under
+    train/, against train/step), `structure` the per-layer kept counts (a wandb.Table plus a heatmap image),
+    `summary` the final metrics, `artifacts` files (the model, its decision, metrics.json); `finish` adds the
+    expected-vs-target size chart and closes the run. The run's config is the resolved job config.
     """
 
     def __init__(self, cfg, run_config: dict, out_dir: str, rank: int | None = None, job_type: str | None = None):
@@ -109,10 +149,15 @@ class RunLogger:
         if sweep:
             run_config["sweep"] = sweep
         self._wandb = wandb
+        self._log_artifacts = cfg.log_artifacts
+        job_type = job_type or run_config.get("job") or "job"
+        run_id = saved_run_id(out_dir, job_type, cfg.project) or _new_run_id()
         self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, group=group, name=name,
-                              job_type=job_type or run_config.get("job"), tags=list(cfg.tags) or None,
+                              job_type=job_type, tags=list(cfg.tags) or None, id=run_id, resume="allow",
                               dir=str(out_dir), config=run_config, mode=cfg.mode, reinit="finish_previous",
-                              settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+                              settings=wandb.Settings(console=cfg.console, silent=True,
+                                                      x_disable_stats=not cfg.system_metrics))
+        save_run_id(out_dir, job_type, cfg.project, self.run.id)
         self.run.define_metric("train/*", step_metric="train/step")
 
     @property
@@ -126,7 +171,7 @@ class RunLogger:
             return
         scalars = {f"train/{k}": s for k, v in values.items() if (s := _scalar(v)) is not None}
         scalars["train/step"] = step
-        self.run.log(scalars, step=step)
+        self.run.log(scalars)  # no step=: a resumed run replays steps after its checkpoint (W&B's own step must rise)
         if "expected_ratio" in values and "target_ratio" in values:
             self._sizes.append((step, float(_scalar(values["expected_ratio"])),
                                 float(_scalar(values["target_ratio"]))))
@@ -151,12 +196,27 @@ class RunLogger:
             return
         for k, v in values.items():
             s = _scalar(v)
-            if s is not None and not (isinstance(s, float) and math.isnan(s)):
+            if s is not None and not (isinstance(s, float) and not math.isfinite(s)):
                 self.run.summary[k] = s
             elif isinstance(v, str):
                 self.run.summary[k] = v
         if not self._structure_logged and isinstance(values.get("shape_pruned"), dict):
             self.structure(rows_from_summary(values["shape_pruned"]), "retained structure (kept layers)")
+
+    def artifacts(self, files: dict[str, str | Path | None]) -> None:
+        """Log each existing file or directory as an artifact named <run id>-<kind> of type <kind> (model, decision,
+        metrics, ...); a new version each time (e.g. after a requeue)."""
+        if self.run is None or not self._log_artifacts:
+            return
+        for kind, path in files.items():
+            if path is None or not Path(path).exists():
+                continue
+            artifact = self._wandb.Artifact(f"{self.run.id}-{kind}", type=kind)
+            if Path(path).is_dir():
+                artifact.add_dir(str(path))
+            else:
+                artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
 
     def image(self, key: str, path: str | Path) -> None:
         if self.run is not None:
@@ -166,6 +226,21 @@ class RunLogger:
         if self.run is not None and rows:
             columns = list(rows[0])
             self.run.log({key: self._wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+
+    @contextlib.contextmanager
+    def preemption(self):
+        """Around training: when the job stops to be requeued (vtrans.checkpoint.Preempted), the run is marked
+        preempting and closed with the job's exit code; the requeued job resumes it (same id, see RUN_ID_FILE)."""
+        from .checkpoint import Preempted
+
+        try:
+            yield
+        except Preempted as stop:
+            if self.run is not None:
+                self.run.mark_preempting()
+                self.run.finish(exit_code=stop.code)
+                self.run = None
+            raise
 
     def finish(self) -> None:
         if self.run is None:

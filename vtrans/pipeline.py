@@ -38,6 +38,7 @@ from .masks.materialize import materialize
 from .masks.scoring import score_masks, warm_start as spread_scores
 from .models import family_of, save_pruned, shape_of, to_stock
 from .models.load import TASK_HEADS, load_model, read_model_config
+from .strict_json import write as write_json
 from .objectives import target_ratio
 
 log = logging.getLogger("vtrans")
@@ -374,6 +375,8 @@ def _task_data(cfg: Config, tokenizer, docs: list, training: bool):
     if cfg.model.task == "causal_lm":
         train_limit = dc.max_train_blocks or (dc.train_tokens // dc.seq_len)
         limit = (train_limit if training else dc.max_eval_blocks) or None
+        if not training and cfg.eval.protocol == "published":
+            return D.lm_windows(tokenizer, docs, dc.seq_len, limit)
         return D.lm_blocks(tokenizer, docs, dc.seq_len, limit)
     if cfg.model.task == "sequence_classification":
         return D.ClassificationData.from_documents(tokenizer, docs, dc.seq_len)
@@ -435,6 +438,7 @@ def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
         spec = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {"data": data, "source": D.source_identity(cfg.data.source),
             "eval_source": D.source_identity(cfg.data.eval_source), "max_examples": cfg.eval.max_examples,
+            "eval_protocol": cfg.eval.protocol,  # "published" cuts the held-out text into its own windows
             "fast_floor": [FAST_FRACTION, cfg.mask.calibration_blocks] if fast_floor else None,
             "tokenizer": [hashlib.sha256(spec.encode()).hexdigest(), tokenizer.eos_token_id, tokenizer.sep_token_id],
             "version": 1}
@@ -701,7 +705,8 @@ def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eva
         total = math.ceil(_ppl_batches(data, ec.batch_size, window, stride) / world)
         with progress(model, total, f"{desc} (perplexity)", cfg.progress, size):
             r = perplexity(model, data, batch_size=ec.batch_size, window=window, stride=stride, **share)
-        metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": r["protocol"],
+        protocol = "published" if ec.protocol == "published" else r["protocol"]  # its own windows, scored as blocks
+        metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": protocol,
                    "eval_window": r["window"] or dc.seq_len, "eval_stride": r["stride"] or dc.seq_len}
         if lm_eval and ec.lm_eval_tasks and lockstep:
             log.warning("%s: eval.lm_eval_tasks skipped: the model is sharded (ZeRO-3); run job=evaluate on it", desc)
@@ -822,7 +827,28 @@ def save_model(model, tokenizer, model_dir: Path, decision: Decision | None = No
             model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         save_tokenizer(tokenizer, tmp)
         if decision is not None:
-            (tmp / DECISION_FILE).write_text(json.dumps(decision.record()))
+            write_json(tmp / DECISION_FILE, decision.record())
+
+
+def write_metrics(out: Path, metrics: dict) -> Path:
+    """<out>/metrics.json as strict JSON: non-finite values (a diverged perplexity, an inf loss) written as null and
+    their keys listed under `non_finite_keys` (present, maybe empty, in every metrics.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return write_json(out / "metrics.json", metrics, flag=True, indent=2, sort_keys=True)
+
+
+def report(cfg: Config, out: Path, metrics: dict, logger, artifacts: dict | None = None) -> dict:
+    """The report stage, last in every job: the objective, metrics.json (rank 0), the W&B summary, the artifacts
+    (`artifacts`: kind -> file or directory, e.g. the model and its decision; metrics.json is added) and the end of
+    the W&B run."""
+    metrics.setdefault("job", cfg.job)
+    set_objective(cfg, metrics)
+    if is_main_process():
+        write_metrics(out, metrics)
+    logger.summary(metrics)
+    logger.artifacts({**(artifacts or {}), "metrics": out / "metrics.json"})
+    logger.finish()
+    return metrics
 
 
 def set_objective(cfg: Config, metrics: dict) -> None:

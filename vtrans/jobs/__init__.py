@@ -1,17 +1,16 @@
 """Jobs: each is `run(cfg, out) -> metrics`, built from the stages in vtrans.pipeline; `run` here validates the
 config, claims the output directory (refusing another config's run there), dispatches on `job`, picks the job's
-objective (the metric sweeps optimise and plot) and writes metrics.json on rank 0."""
+objective (the metric sweeps optimise and plot) and writes metrics.json on rank 0 (strict JSON: non-finite values as
+null, listed under `non_finite_keys`)."""
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import math
 
 from ..cluster import dist_env
 from ..config import load_config
 from ..checkpoint import Stopped, check_stop
-from ..pipeline import check_world_size, claim_output, is_main_process, output_dir, set_objective
+from ..pipeline import check_world_size, claim_output, is_main_process, output_dir, set_objective, write_metrics
 
 log = logging.getLogger("vtrans")
 
@@ -34,14 +33,5 @@ def run(cfg) -> dict:
     metrics.setdefault("job", cfg.job)
     set_objective(cfg, metrics)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_json_default))
+        write_metrics(out, metrics)
     return metrics
-
-
-def _json_default(v):
-    if hasattr(v, "item"):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return str(v)

@@ -45,8 +45,6 @@ def run(cfg: Config, out: Path) -> dict:
         metrics.update(write_structure(rows, out, "structure of the evaluated model"))
     logger.structure(rows, "structure of the evaluated model")
     metrics["wall_time_s"] = time.perf_counter() - t0
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger)
     log.info("evaluate: %s", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics

@@ -57,9 +57,10 @@ def run(cfg: Config, out: Path) -> dict:
     train = data.train.tensors() if hasattr(data.train, "tensors") else data.train  # dicts of tensors (QA too)
     checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
     t_train = time.perf_counter()
-    history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
-                  cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
-                  desc="finetune", checkpointer=checkpointer, end_reserve=model_room)
+    with logger.preemption():
+        history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
+                      cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
+                      desc="finetune", checkpointer=checkpointer, end_reserve=model_room)
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]
     metrics["train_tokens"] = ft.steps * cfg.optim.grad_accum * ft.batch_size * cfg.data.seq_len
@@ -87,7 +88,5 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["model_dir"] = str(model_dir)
         metrics.update(write_structure(rows, out, "structure of the fine-tuned model"))
     metrics["wall_time_s"] = time.perf_counter() - t0
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"model": metrics.get("model_dir")})
     return metrics

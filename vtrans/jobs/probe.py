@@ -20,6 +20,7 @@ import torch
 from .. import pipeline as P
 from ..checkpoint import check_stop
 from ..config import Config
+from ..strict_json import write as write_json
 from ..decision import DECISION_FILE
 from ..log import RunLogger, write_csv
 from ..models import base_model, family_of, get_module, shape_of
@@ -251,17 +252,14 @@ def run(cfg: Config, out: Path) -> dict:
     metrics = {"kept_from": source, "probe_examples": len(texts), **summary}
     if procs.is_main:
         write_csv(rows, out / "probe.csv")
-        (out / "probe.json").write_text(json.dumps({"summary": summary, "kept_heads": kept, "heads": rows},
-                                                   indent=2))
+        write_json(out / "probe.json", {"summary": summary, "kept_heads": kept, "heads": rows}, indent=2)
         plot(rows, summary, out / "probe.png")
         metrics.update(probe_csv=str(out / "probe.csv"), probe_json=str(out / "probe.json"),
                        probe_png=str(out / "probe.png"))
         logger.table("probe/heads", rows)
         logger.image("probe/plot", out / "probe.png")
     metrics["wall_time_s"] = time.perf_counter() - t0
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"probe": out / "probe.json"})
     log.info("probe: mean attention on special tokens: kept heads %s, pruned heads %s",
              summary["kept_special_mean"], summary["pruned_special_mean"])
     return metrics

@@ -19,6 +19,7 @@ from .. import pipeline as P
 from ..accounting import flops_per_token, model_numel, param_count
 from ..checkpoint import Checkpointer, batch_stream, check_stop
 from ..config import Config, training_fingerprint
+from ..decision import DECISION_FILE
 from ..engine import fit, make_engine
 from ..log import RunLogger, rows_from_decision
 from ..masks.decide import check_reachable
@@ -76,10 +77,11 @@ def run(cfg: Config, out: Path) -> dict:
             engine.release_parameters()
         on_step = P.iterative_decisions(mm, budget, module.warmup_steps, module.final_ratio, cfg.budget.decide_every,
                                         optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
-        history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
-                      optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
-                      progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer, on_step=on_step,
-                      end_reserve=model_room)
+        with logger.preemption():
+            history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
+                          optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
+                          progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer,
+                          on_step=on_step, end_reserve=model_room)
         train_time = time.perf_counter() - t_init
         engine.release()  # the optimizers' moments are not needed any more: free them before materialising
     else:  # a one-shot baseline: score the units on calibration batches, no training
@@ -110,9 +112,7 @@ def run(cfg: Config, out: Path) -> dict:
     metrics = _metrics(cfg, dense, model, pruned, decision, data, history, train_time, dense_eval, pruned_eval)
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
-    P.set_objective(cfg, metrics)
-    logger.summary(metrics)
-    logger.finish()
+    P.report(cfg, out, metrics, logger, {"model": model_dir, "decision": model_dir / DECISION_FILE})
     if procs.is_main:
         _print_summary(metrics)
     return metrics
@@ -170,8 +170,8 @@ def _print_summary(m: dict) -> None:
     if "pearson_dense" in m:
         rows.append(("held-out Pearson", f"{m['pearson_dense']:.4f}", f"{m['pearson_pruned']:.4f}"))
     if "exact_match_dense" in m:
-        rows.append(("held-out exact match", f"{m['exact_match_dense']:.4f}", f"{m['exact_match_pruned']:.4f}"))
-        rows.append(("held-out SQuAD F1", f"{m['f1_dense']:.4f}", f"{m['f1_pruned']:.4f}"))
+        rows.append(("held-out exact match", f"{m['exact_match_dense']:.2f}", f"{m['exact_match_pruned']:.2f}"))
+        rows.append(("held-out SQuAD F1", f"{m['f1_dense']:.2f}", f"{m['f1_pruned']:.2f}"))
     name = f"{m['variant']}-VTrans" if m["method"] == "vib" else f"one-shot {m['method']} baseline"
     lines = [f"vtrans {name}: parameter reduction {m['param_reduction']:.1%}, "
              f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",
