@@ -15,6 +15,7 @@ pruned model plus 1.5 dense layers to the memory it starts from.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -132,7 +133,8 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     engine.release()
     decision = decide(mm, Budget("params_ratio", 0.5))
     peak.stage("materialise")
-    pruned = materialize(mm, decision, fetch=engine.fetch, build=procs.is_main)
+    # as the prune job does: the dense model is not used again, so each ZeRO-3 partition goes once rank 0 has it
+    pruned = materialize(mm, decision, fetch=functools.partial(engine.fetch, free=True), build=procs.is_main)
     peak.stage("save")
     if procs.is_main:
         save_pruned(pruned, Path(out) / "pruned", max_shard_size="200MB")
@@ -216,17 +218,24 @@ def memory_model(params: float, layers: int, hidden: int, world: int, stage: int
 
 
 def model_table() -> str:
+    """Per-rank GPU GiB for 7B / 13B / 70B (LLaMA-2 shapes, bf16), each variant, ZeRO-2 / 3, 8 / 32 / 64 GPUs; for the
+    trained variants also GPU + host GiB with the optimizer offloaded to the host."""
     models = {"7B": (6.74e9, 32, 4096), "13B": (13.0e9, 40, 5120), "70B": (69.0e9, 80, 8192)}
-    rows = ["| model | variant | ZeRO | GPUs | GPU GiB / rank | host GiB / rank (optimizer offload) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    worlds = (8, 32, 64)
+    rows = ["| model | variant | ZeRO | " + " | ".join(f"{w} GPUs" for w in worlds) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
     for name, (params, layers, hidden) in models.items():
         for variant in ("faster", "vtrans"):
             for stage in (2, 3):
-                for world in (8, 32, 64):
+                cells = []
+                for world in worlds:
                     m = memory_model(params, layers, hidden, world, stage, variant)
-                    off = memory_model(params, layers, hidden, world, stage, variant, offload=True)
-                    rows.append(f"| {name} | {variant} | {stage} | {world} | {m['gpu'] / 2 ** 30:.1f} | "
-                                f"{off['host'] / 2 ** 30:.1f} ({off['gpu'] / 2 ** 30:.1f} GPU) |")
+                    cell = f"{m['gpu'] / 2 ** 30:.1f}"
+                    if variant != "faster":
+                        off = memory_model(params, layers, hidden, world, stage, variant, offload=True)
+                        cell += f" ({off['gpu'] / 2 ** 30:.1f} + {off['host'] / 2 ** 30:.1f} host)"
+                    cells.append(cell)
+                rows.append(f"| {name} | {variant} | {stage} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -245,6 +254,10 @@ def table(single: dict, ranks: list[dict], c: dict) -> str:
     for name in ["single"] + [f"zero3_rank{r['rank']}" for r in ranks]:
         lines.append(f"Materialise ({name}): +{c[f'materialise_rise_{name}'] / MB:,.0f} MiB over its start; bound "
                      f"(pruned model + 1.5 dense layers) {c[f'materialise_bound_{name}'] / MB:,.0f} MiB.")
+    if "model_train_step" in c:
+        lines.append(f"Memory model (the README's, fp32, {len(ranks)} ranks): {c['model_train_step'] / MB:,.0f} MiB per "
+                     "rank for a train step (shard + 2 gathered layers); measured over each rank's start: "
+                     + ", ".join(f"{x / MB:,.0f}" for x in c["measured_train_step"]) + " MiB.")
     return "\n".join(lines)
 
 
@@ -268,6 +281,10 @@ def main(argv=None) -> dict:
     live = None if args.live is None else int(args.live)
     ranks = run_zero3(model_dir, work / "zero3", args.ranks, live)
     c = checks(single, ranks)
+    shape = SHAPES[args.shape]
+    c["model_train_step"] = memory_model(single["params"], shape["num_hidden_layers"], shape["hidden_size"],
+                                         len(ranks), 3, "faster", bytes_per_weight=4)["gpu"]
+    c["measured_train_step"] = [r["peaks"]["train_step"] - r["baseline"] for r in ranks]
     text = table(single, ranks, c)
     print(text)
     tag = args.tag or args.shape

@@ -5,6 +5,7 @@ materialised. Also the real SmolLM2-135M under ZeRO-3 (slow) and CPU offload (sl
 Adam)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -185,6 +186,28 @@ def _scenarios(rank: int) -> dict:
     engine.consolidate()
     out["zero3"] = {"trajectory": trajectory(history), "masks": mask_state(module), "pruned": decide_and_materialise(mm)}
 
+    # the same, materialised as the prune job does: each rank drops its partition of a tensor once rank 0 has it
+    mm, module, groups = build()
+    engine = DeepSpeedEngine(module, groups, stage=3, grad_accum=GRAD_ACCUM, seed=0, overrides=PARTITION_ALL)
+    train(engine)
+    fetched = materialize(mm, decide(mm, Budget("params_ratio", 0.6)), fetch=functools.partial(engine.fetch, free=True),
+                          build=True)
+    out["zero3_fetched_freed"] = None if fetched is None else {k: v.clone() for k, v in fetched.state_dict().items()}
+    out["zero3_left_after_free"] = sum(p.ds_tensor.numel() for p in mm.model.parameters())
+
+    # masks that the ranks initialised apart (a sharded load draws from the RNG unevenly): the engine starts every
+    # rank from rank 0's, and training keeps them equal
+    mm, module, groups = build()
+    if rank == 1:
+        with torch.no_grad():
+            for m in mm.masks().values():
+                m.mu.add_(0.25)
+    engine = DeepSpeedEngine(module, groups, stage=3, grad_accum=GRAD_ACCUM, seed=0, overrides=PARTITION_ALL)
+    out["apart_start"] = mask_state(module)
+    train(engine, steps=2)
+    out["apart_end"] = mask_state(module)
+    engine.consolidate()
+
     # ZeRO-3 with large VIB noise: the first step's KL and expected size (pure functions of the masks)
     mm, module, groups = build(log_sigma2=-9.0, randomise=True)
     engine = DeepSpeedEngine(module, groups, stage=3, grad_accum=GRAD_ACCUM, seed=0, overrides=PARTITION_ALL)
@@ -279,6 +302,32 @@ def test_zero3_materialises_on_rank0_from_the_shards(two_ranks):
     assert fetched.keys() == whole.keys()
     for name, value in whole.items():
         assert torch.equal(fetched[name], value), name
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_zero3_materialise_can_free_the_dense_shards_as_it_goes(two_ranks):
+    """With free=True (the prune job: the dense model is not used again) every rank's partitions are gone afterwards,
+    and rank 0's pruned model is the one built without freeing."""
+    assert two_ranks[1]["zero3_fetched_freed"] is None
+    for result in two_ranks:
+        assert result["zero3_left_after_free"] == 0
+    kept, freed = two_ranks[0]["zero3_fetched"], two_ranks[0]["zero3_fetched_freed"]
+    assert freed.keys() == kept.keys()
+    for name, value in kept.items():
+        torch.testing.assert_close(freed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_masks_start_and_stay_equal_on_every_rank(two_ranks):
+    """Rank 1's masks differed from rank 0's before the engine; from the engine on they are rank 0's, and after
+    training they are bitwise equal on both ranks (so every rank takes the same decision)."""
+    zero, one = two_ranks
+    for key in ("apart_start", "apart_end"):
+        assert zero[key].keys() == one[key].keys()
+        for name, value in zero[key].items():
+            assert torch.equal(one[key][name], value), (key, name)
 
 
 @pytest.mark.distributed

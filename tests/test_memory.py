@@ -42,4 +42,5 @@ def test_the_memory_model_counts_zero3_shards(memory):
     assert vtrans["gpu"] > one["gpu"] and offload["gpu"] < vtrans["gpu"] and offload["host"] > vtrans["host"]
     # 7B Faster-VTrans on 8 GPUs under ZeRO-3: the bf16 weights' eighth plus one gathered layer, about 2 GiB
     assert 1.5 < one["gpu"] / 2 ** 30 < 2.5
-    assert "| 70B | vtrans | 3 | 64 |" in memory.model_table()
+    table = memory.model_table()
+    assert "| 70B | vtrans | 3 | " in table and "| 7B | faster | 2 | 12.6 | 12.6 | 12.6 |" in table

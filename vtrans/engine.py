@@ -121,6 +121,17 @@ class Processes:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
+    @torch.no_grad()
+    def broadcast_tensors(self, tensors, src: int = 0) -> None:
+        """Overwrite `tensors` in place with rank `src`'s values (replicated state every rank must hold alike)."""
+        if not self.distributed:
+            return
+        for t in tensors:
+            x = t.data.to(self.device)
+            torch.distributed.broadcast(x, src=src)
+            if x is not t.data:
+                t.data.copy_(x)
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()
@@ -237,8 +248,9 @@ class Engine:
     def barrier(self) -> None:
         self.procs.barrier()
 
-    def fetch(self, params) -> list[torch.Tensor] | None:
-        """The full values of `params` on the main process (None on the others): what materialising reads."""
+    def fetch(self, params, free: bool = False) -> list[torch.Tensor] | None:
+        """The full values of `params` on the main process (None on the others): what materialising reads. `free`
+        (a ZeRO-3 model that is not used again) drops each partition once it is read; nothing here is partitioned."""
         return [p.detach() for p in params]
 
     def release_parameters(self) -> None:
@@ -256,11 +268,13 @@ class Engine:
 
 
 @torch.no_grad()
-def gather_to_main(params, procs: Processes) -> list[torch.Tensor] | None:
+def gather_to_main(params, procs: Processes, free: bool = False) -> list[torch.Tensor] | None:
     """The full values of ZeRO-3-partitioned `params`, one tensor at a time, on rank 0's CPU (None on the other
     ranks): every rank sends its partition to rank 0 (torch.distributed.gather), so the others never hold a whole
     tensor, unlike DeepSpeed's GatheredParameters (an all-gather). Parameters that are not partitioned come as they
-    are."""
+    are. With `free`, every rank drops its partition of each tensor once it is sent (the model is not used again:
+    materialising at the end of the prune job), so that rank 0 holds the dense shard it has not yet read plus the
+    pruned model built so far, never both whole."""
     import torch.distributed as dist
 
     out: list[torch.Tensor] | None = [] if procs.is_main else None
@@ -294,6 +308,9 @@ def gather_to_main(params, procs: Processes) -> list[torch.Tensor] | None:
             dist.send(part, dst=dst, group=group)
         else:
             dist.gather(part, dst=dst, group=group)
+        if free:
+            del part
+            p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
     return out
 
 
@@ -378,9 +395,9 @@ class ShardedBuild:
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
-    def fetch(self, params) -> list[torch.Tensor] | None:
+    def fetch(self, params, free: bool = False) -> list[torch.Tensor] | None:
         """Full values of `params` on rank 0 only (materialising): see `gather_to_main`."""
-        return gather_to_main(params, self.procs)
+        return gather_to_main(params, self.procs, free=free)
 
     def broadcast(self, obj):
         return self.procs.broadcast(obj)
@@ -448,6 +465,9 @@ class DeepSpeedEngine(Engine):
                                                    weight_decay), overrides or {})
         module.to(self.device)  # the replicated tensors follow the module (see PruningModule)
         self.replicated = [p for g in replicated for p in g["params"]]
+        # every rank starts from rank 0's masks and multipliers (as DDP broadcasts its parameters): their initial
+        # values come from random draws that the ranks made apart, and a sharded load uses the RNG unevenly
+        self.procs.broadcast_tensors(self.replicated)
         self.replicated_optimizer = torch.optim.AdamW(replicated, betas=(0.9, 0.999), eps=1e-8,
                                                       weight_decay=weight_decay) if replicated else None
         optimizer = None
@@ -629,11 +649,12 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3 and self._offload is not None:
             self._offload.partition_all_parameters()
 
-    def fetch(self, params) -> list[torch.Tensor] | None:
-        """Full values on rank 0 only under ZeRO-3 (`gather_to_main`); otherwise every rank holds them."""
+    def fetch(self, params, free: bool = False) -> list[torch.Tensor] | None:
+        """Full values on rank 0 only under ZeRO-3 (`gather_to_main`, `free` as there); otherwise every rank holds
+        them."""
         params = list(params)
         if self.stage == 3:
-            return gather_to_main(params, self.procs)
+            return gather_to_main(params, self.procs, free=free)
         return [p.detach() for p in params] if self.procs.is_main else None
 
     def consolidate(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -532,6 +533,7 @@ def warm_start(cfg: Config, mm: MaskedModel, train, procs=None, lockstep: bool =
     t0 = time.perf_counter()
     method = cfg.mask.init_from if cfg.mask.method == "vib" else cfg.mask.method
     batches = calibration(train, cfg)
+    everyone = procs
     if procs is not None and procs.distributed and len(batches) >= procs.world_size:
         if lockstep:
             batches = batches[: len(batches) - len(batches) % procs.world_size]
@@ -542,6 +544,8 @@ def warm_start(cfg: Config, mm: MaskedModel, train, procs=None, lockstep: bool =
         score_masks(mm, method, batches, seed=cfg.optim.seed, procs=procs)
     if cfg.mask.method == "vib":
         spread_scores(mm, cfg.mask.init_spread)
+        if everyone is not None:  # the summed scores agree; rank 0's masks make that exact
+            everyone.broadcast_tensors(list(mm.mask_parameters()))
         log.info("masks warm-started from %s scores (spread %g) in %.1f s", method, cfg.mask.init_spread,
                  time.perf_counter() - t0)
     return time.perf_counter() - t0
@@ -604,10 +608,15 @@ def decide(cfg: Config, mm: MaskedModel, budget: Budget) -> Decision:
 # ---------------------------------------------------------------------------------------------------------- materialise
 
 
-def materialise(cfg: Config, mm: MaskedModel, decision: Decision, fetch=None, build: bool = True):
+def materialise(cfg: Config, mm: MaskedModel, decision: Decision, fetch=None, build: bool = True,
+                free: bool = False):
     """The materialise stage: the smaller model (stock classes with export_uniform=true), built one dense layer at a
     time through `fetch` (an engine's: under ZeRO-3 it gathers each tensor to rank 0 only); with `build=False` this
-    process takes part in the fetching and gets None (only rank 0 builds, then saves, a sharded model)."""
+    process takes part in the fetching and gets None (only rank 0 builds, then saves, a sharded model). With `free`
+    (the dense model is not used again) each ZeRO-3 partition is dropped once fetched: rank 0's peak is then its
+    unread shard plus the pruned model so far, not the two whole."""
+    if free and fetch is not None:
+        fetch = functools.partial(fetch, free=True)
     pruned = materialize(mm, decision, fetch=fetch, build=build)
     if pruned is None:
         return None

@@ -96,7 +96,8 @@ def run(cfg: Config, out: Path) -> dict:
     # before it is evaluated; with several processes the others read it back for the split evaluation
     model_dir = out / "model"
     fetch = engine.fetch if engine is not None else (sharded.fetch if sharded else None)
-    pruned = P.materialise(cfg, mm, decision, fetch=fetch, build=procs.is_main)
+    # the dense model is not used again: under ZeRO-3 each rank drops its shard of a tensor once rank 0 has it
+    pruned = P.materialise(cfg, mm, decision, fetch=fetch, build=procs.is_main, free=bool(sharded))
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)
