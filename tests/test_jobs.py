@@ -94,7 +94,7 @@ def lm_overrides(assets, out, *extra):
     return ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
             f"data.source={assets / 'lee.txt'}", "data.seq_len=32", "data.max_eval_blocks=6",
             "budget.count_embeddings=false", "optim.steps=3", "optim.log_every=1", f"output_dir={out}",
-            "progress=false", *extra]
+            "progress=false", "eval=none", *extra]
 
 
 def bert_overrides(assets, model, source, out, *extra):

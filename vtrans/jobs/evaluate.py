@@ -21,8 +21,9 @@ def run(cfg: Config, out: Path) -> dict:
     t0 = time.perf_counter()
     require_lm_eval(cfg.eval)  # before any model is loaded
     model, tokenizer = P.load(P.dir_model_config(cfg, cfg.model_dir) if cfg.model_dir else cfg.model)
-    _, held = P.documents(cfg)
+    _, held = P.documents(cfg, dense=P.loader(cfg.model) if cfg.model_dir else lambda: (model, tokenizer))
     data = P.task_data(cfg, tokenizer, held)
+    domains = P.domain_data(cfg, tokenizer)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="evaluate")
     metrics = {"model": cfg.model_dir or (cfg.model.name_or_path or f"{cfg.model.package}/{cfg.model.subdir}"),
                "eval_examples": len(held), "flops_seq_len": cfg.budget.flops_seq_len}
@@ -35,6 +36,8 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["flops_ratio"] = metrics["flops"] / metrics["flops_dense"]
     t_eval = time.perf_counter()
     metrics.update(P.evaluate(model, tokenizer, cfg, data))
+    for k, v in P.evaluate_domains(model, cfg, domains, "model").items():  # ppl_<domain> (no suffix: one model)
+        metrics[k.removesuffix("_model")] = v
     metrics["eval_time_s"] = time.perf_counter() - t_eval
     rows = P.structure_rows(model, dense)
     if P.is_main_process():

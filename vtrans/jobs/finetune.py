@@ -29,7 +29,10 @@ def run(cfg: Config, out: Path) -> dict:
     teacher, _ = P.load(cfg.model) if dc.logit_weight > 0 else (None, None)
     if dc.layer_weight > 0:
         log.warning("distill.layer_weight=%s is used while pruning only; finetune distils logits", dc.layer_weight)
-    data = P.prepare_data(cfg, tokenizer)
+    # the dense model: the teacher, the source of teacher:N samples and the reference of the perplexity ratios
+    dense_model = (lambda: (teacher, tokenizer)) if teacher is not None else P.loader(cfg.model)
+    data = P.prepare_data(cfg, tokenizer, dense=dense_model)
+    domains = P.domain_data(cfg, tokenizer)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="finetune")
 
     seq = cfg.budget.flops_seq_len
@@ -42,6 +45,11 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["params_ratio"] = metrics["params"] / metrics["params_dense"]
     for k, v in P.evaluate(student, tokenizer, cfg, data.held, "before finetune").items():
         metrics[f"{k}_before" if not k.startswith("eval_") else k] = v
+    metrics.update(P.evaluate_domains(student, cfg, domains, "before"))
+    if cfg.model.task == "causal_lm" and (teacher is not None or domains):  # the dense reference of the ratios
+        reference = dense_model()[0]
+        metrics["ppl_dense"] = P.evaluate(reference, tokenizer, cfg, data.held, "dense", lm_eval=False)["ppl"]
+        metrics.update(P.evaluate_domains(reference, cfg, domains, "dense"))
 
     module = DistillModule(student, teacher, cfg.model.task, dc.task_weight, dc.logit_weight, dc.temperature,
                            metrics.get("params_ratio", 1.0))
@@ -61,6 +69,12 @@ def run(cfg: Config, out: Path) -> dict:
     for k, v in P.evaluate(student, tokenizer, cfg, data.held, "after finetune").items():
         if not k.startswith("eval_"):
             metrics[f"{k}_after"] = v
+    metrics.update(P.evaluate_domains(student, cfg, domains, "after"))
+    if "ppl_dense" in metrics:
+        metrics.update(P.ratio_metrics(metrics, list(domains), "after", "dense"))
+        metrics.update(P.ratio_metrics(metrics, list(domains), "before", "dense", suffix="_before"))
+        metrics["eval_domains"] = dict(cfg.eval.domains)
+    metrics["train_sources"] = data.sources
 
     rows = P.structure_rows(student, dense)
     logger.structure(rows, "structure of the fine-tuned model")

@@ -30,7 +30,8 @@ def run(cfg: Config, out: Path) -> dict:
     mask, optim = cfg.mask, cfg.optim
     # load: the family is checked from the config alone, before any weights are read
     model, tokenizer = P.load(cfg.model, config=read_model_config(cfg.model))
-    data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast")
+    data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast", dense=lambda: (model, tokenizer))
+    domains = P.domain_data(cfg, tokenizer)
     teacher = P.frozen_teacher(cfg, model)
     mm = P.attach(cfg, model)
     budget = P.budget_of(cfg)
@@ -42,7 +43,8 @@ def run(cfg: Config, out: Path) -> dict:
 
     with mm.disabled():
         dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense")
-    log.info("dense: %s", _fmt(dense_eval))
+        dense_domains = P.evaluate_domains(model, cfg, domains, "dense")
+    log.info("dense: %s", _fmt({**dense_eval, **dense_domains}))
 
     if mask.method == "vib":
         t_init = time.perf_counter()
@@ -75,7 +77,8 @@ def run(cfg: Config, out: Path) -> dict:
     pruned = P.materialise(cfg, mm, decision)
     P.check_budget(pruned, budget, decision.fit["target"])
     pruned_eval = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned")
-    log.info("pruned: %s", _fmt(pruned_eval))
+    pruned_domains = P.evaluate_domains(pruned, cfg, domains, "pruned")
+    log.info("pruned: %s", _fmt({**pruned_eval, **pruned_domains}))
 
     pruned_shape = shape_of(pruned)
     params_dense, params_pruned = model_numel(model), model_numel(pruned)
@@ -98,6 +101,7 @@ def run(cfg: Config, out: Path) -> dict:
         "threshold_params_ratio": decision.fit["threshold_size"] / decision.fit["dense_size"],
         "shape_pruned": pruned_shape.summary(),
         "train_documents": data.train_documents,
+        "train_sources": data.sources,
         "heldout_documents": data.held_documents,
         "train_steps": optim.steps,
         "train_tokens": optim.steps * optim.grad_accum * optim.batch_size * cfg.data.seq_len,
@@ -109,6 +113,11 @@ def run(cfg: Config, out: Path) -> dict:
     for k, v in pruned_eval.items():
         if not k.startswith("eval_"):
             metrics[f"{k}_pruned"] = v
+    metrics.update(dense_domains)
+    metrics.update(pruned_domains)
+    if cfg.model.task == "causal_lm":
+        metrics.update(P.ratio_metrics(metrics, list(domains), "pruned", "dense"))
+        metrics["eval_domains"] = dict(cfg.eval.domains)
     model_dir = out / "model"
     if is_main:  # one writer: every rank holds the same pruned model
         P.save_model(pruned, tokenizer, model_dir, decision)
@@ -132,6 +141,8 @@ def _print_summary(m: dict) -> None:
             (f"GFLOPs/token @ {m['flops_seq_len']}", f"{m['flops_dense'] / 1e9:.3f}", f"{m['flops_pruned'] / 1e9:.3f}")]
     if "ppl_dense" in m:
         rows.append(("held-out perplexity", f"{m['ppl_dense']:.3f}", f"{m['ppl_pruned']:.3f}"))
+        for d in m.get("eval_domains", {}):
+            rows.append((f"  {d} perplexity", f"{m[f'ppl_{d}_dense']:.3f}", f"{m[f'ppl_{d}_pruned']:.3f}"))
     if "accuracy_dense" in m:
         rows.append(("held-out accuracy", f"{m['accuracy_dense']:.4f}", f"{m['accuracy_pruned']:.4f}"))
     if "pearson_dense" in m:
@@ -144,5 +155,10 @@ def _print_summary(m: dict) -> None:
              f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",
              f"{'':24s}{'dense':>16s}{'pruned':>16s}"]
     lines += [f"{a:24s}{b:>16s}{c:>16s}" for a, b, c in rows]
+    if "ppl_ratio_calibration_domain" in m:
+        lines.append(f"{'ppl ratio, calibration domain (held-out)':48s}{m['ppl_ratio_calibration_domain']:>8.3f}")
+    if "ppl_ratio_cross_domain" in m:
+        n = len(m.get("eval_domains", {}))
+        lines.append(f"{f'ppl ratio, cross-domain (geo-mean of {n})':48s}{m['ppl_ratio_cross_domain']:>8.3f}")
     lines.append(f"pruned model: {m['model_dir']}")
     print("\n".join(lines), flush=True)
