@@ -133,9 +133,9 @@ def run(cfg: Config) -> dict:
     model, tokenizer = P.load(cfg.model)
     data = P.prepare_data(cfg, tokenizer, dense=lambda: (model, tokenizer))
     domains = P.domain_data(cfg, tokenizer)
-    metrics = {f"{k}_dense": v for k, v in P.evaluate(model, tokenizer, cfg, data.held, "dense", False).items()
+    metrics = {f"{k}_dense": v for k, v in P.evaluate_dense(model, tokenizer, cfg, data.held, "dense", False).items()
                if not k.startswith("eval_")}
-    metrics.update(P.evaluate_domains(model, cfg, domains, "dense"))
+    metrics.update(P.evaluate_domains(model, cfg, domains, "dense", dense=True))
     embeddings = cfg.budget.count_embeddings
     dense_params = model_numel(model, embeddings=embeddings)
     target = cfg.budget.target * dense_params if cfg.budget.kind == "params_ratio" else cfg.budget.target

@@ -122,6 +122,8 @@ def main() -> None:
                    help="a Hydra override for recovery fine-tuning only (repeatable)")
     p.add_argument("--join", default="", help="comma-separated tags of earlier runs: write one table from their CSVs")
     args = p.parse_args()
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     if args.join:

@@ -1,10 +1,13 @@
 """Shared fixtures: tiny random models of each family, offline environment, markers."""
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# teacher samples and dense perplexities are cached (vtrans.cache): tests keep theirs out of the user's ~/.cache
+os.environ.setdefault("VTRANS_CACHE", tempfile.mkdtemp(prefix="vtrans-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

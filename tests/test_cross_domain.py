@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tests.tiny import save_tiny_with_tokenizer, tokenizer_dir
-from vtrans import data as D, teacher
+from vtrans import cache, data as D, teacher
 from vtrans.config import Config, load_config
 from vtrans.jobs import run
 
@@ -228,7 +228,7 @@ def test_teacher_samples_are_cached_and_the_key_covers_every_setting(tiny_lm, tm
     docs = teacher.documents("teacher:5", _sampling(), str(tmp_path), dense)
     assert len(calls) == 1 and len(docs) == 5 and docs.source == "teacher:5"
     cached = list((tmp_path / "teacher").glob("*.json"))
-    assert len(cached) == 1 and json.loads(cached[0].read_text())["sampling"]["n"] == 5
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["record"]["n"] == 5
 
     def no_model():
         raise AssertionError("a cached sample set must not need the model")
@@ -237,17 +237,25 @@ def test_teacher_samples_are_cached_and_the_key_covers_every_setting(tiny_lm, tm
     assert [d.text for d in again] == [d.text for d in docs]
     for over in ({"temperature": 0.7}, {"length": 8}, {"seed": 3}, {"n": 4}, {"model": "other"},
                  {"batch_size": 5}):
-        assert _sampling(**over).key() != _sampling().key(), over
+        assert cache.entry("c", "teacher", _sampling(**over).record()) != \
+            cache.entry("c", "teacher", _sampling().record()), over
     teacher.documents("teacher:5", _sampling(temperature=0.7), str(tmp_path), dense)
     assert len(calls) == 2 and len(list((tmp_path / "teacher").glob("*.json"))) == 2
 
 
-def test_teacher_cache_dir_defaults_to_the_environment_then_home(monkeypatch, tmp_path):
-    monkeypatch.setenv(teacher.CACHE_ENV, str(tmp_path / "env"))
-    assert teacher.cache_root("") == tmp_path / "env"
-    assert teacher.cache_root(str(tmp_path / "set")) == tmp_path / "set"
-    monkeypatch.delenv(teacher.CACHE_ENV)
-    assert teacher.cache_root("") == Path.home() / ".cache" / "vtrans"
+def test_cache_dir_defaults_to_the_environment_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "env"))
+    assert cache.cache_root("") == tmp_path / "env"
+    assert cache.cache_root(str(tmp_path / "set")) == tmp_path / "set"
+    monkeypatch.delenv(cache.CACHE_ENV)
+    assert cache.cache_root("") == Path.home() / ".cache" / "vtrans"
+
+
+def test_a_cache_entry_made_for_another_record_is_refused(tmp_path):
+    path = cache.entry(str(tmp_path), "teacher", {"n": 1})
+    cache.write(path, {"n": 2}, ["x"])  # as if hand-edited or colliding
+    with pytest.raises(ValueError, match="was made for .*'n': 2.*remove it"):
+        cache.read(path, {"n": 1})
 
 
 def test_a_non_main_process_waits_for_the_main_process_samples(tiny_lm, tmp_path, monkeypatch):
@@ -274,6 +282,27 @@ def test_prune_reports_every_domain_and_the_ratios(assets, tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["ppl_ratio_cross_domain"] == pytest.approx(m["ppl_ratio_cross_domain"])
     assert written["eval_domains"] == {"other": str(assets / "other.txt"), "python": "pydoc:topics"}
+
+
+def test_dense_perplexities_are_cached_and_reused(assets, tmp_path, monkeypatch):
+    extra = (f"+eval.domains.other={assets / 'other.txt'}", "eval.domain_blocks=3",
+             f"data.cache_dir={tmp_path / 'cache'}")
+    first = run(compose_cfg(lm(assets, tmp_path / "a", *extra)))
+    assert len(list((tmp_path / "cache" / "perplexity").glob("*.json"))) == 2  # held-out split and one domain
+    from vtrans import pipeline
+
+    evaluate = pipeline.evaluate
+
+    def no_dense(model, tokenizer, cfg, data, desc="evaluate", lm_eval=True):
+        assert not desc.startswith("dense"), f"{desc}: the dense perplexity must come from the cache"
+        return evaluate(model, tokenizer, cfg, data, desc, lm_eval)
+
+    monkeypatch.setattr(pipeline, "evaluate", no_dense)
+    second = run(compose_cfg(lm(assets, tmp_path / "b", *extra, "budget.target=0.6")))
+    assert second["ppl_dense"] == first["ppl_dense"] and second["ppl_other_dense"] == first["ppl_other_dense"]
+    assert second["ppl_pruned"] != first["ppl_pruned"]
+    with pytest.raises(AssertionError, match="must come from the cache"):  # switched off: evaluated again
+        run(compose_cfg(lm(assets, tmp_path / "c", *extra, "eval.cache_dense=false")))
 
 
 def test_prune_summary_prints_both_ratios(assets, tmp_path, capsys):

@@ -310,6 +310,8 @@ class EvalConfig:
     #   _pruned (finetune: _before / _after / _dense) with its ratio ppl_ratio_<name>, and ppl_ratio_cross_domain is
     #   the geometric mean of the ratios. Perplexity is a causal-LM metric: other tasks skip the domains (logged)
     domain_blocks: int = 64  # data.seq_len-token blocks evaluated per domain, evenly spaced over it (0 = all)
+    cache_dense: bool = True  # reuse the dense model's perplexities (held-out split and domains) from data.cache_dir:
+    #                          keyed by its weight files, the exact tokens and the protocol (lm-eval tasks never cached)
 
     def __post_init__(self):
         _one_of("eval.primary", self.primary, PRIMARY_METRICS)

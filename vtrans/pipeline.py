@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import data as D, teacher
+from . import cache, data as D, teacher
 from .accounting import flops_per_token, model_numel, param_count
 from .config import Config, ModelConfig
 from .decision import DECISION_FILE, Decision
@@ -111,7 +111,7 @@ def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.
         raise ValueError(f"{source!r}: this job has no dense model to sample teacher sequences from")
     from .cluster import dist_env
 
-    sampling = teacher.Sampling(model=teacher.model_identity(cfg.model), n=teacher.parse(source),
+    sampling = teacher.Sampling(model=cache.model_identity(cfg.model), n=teacher.parse(source),
                                 length=dc.teacher_length or dc.seq_len, temperature=dc.teacher_temperature,
                                 seed=dc.seed, batch_size=dc.teacher_batch_size)
     return teacher.documents(source, sampling, dc.cache_dir, dense, is_main=dist_env().local_rank == 0,
@@ -437,11 +437,39 @@ def domain_data(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def evaluate_domains(model, cfg: Config, domains: dict[str, torch.Tensor], suffix: str) -> dict:
-    """ppl_<name>_<suffix> and nll_<name>_<suffix> of `model` on each cross-domain evaluation set."""
+PERPLEXITY_VERSION = 1  # part of the dense-perplexity cache key: bump when the perplexity computation changes
+
+
+def evaluate_dense(model, tokenizer, cfg: Config, data, desc: str = "dense", lm_eval: bool = True) -> dict:
+    """evaluate() of the configured dense model (`model` must be it, masks off), its perplexity read from / written to
+    the cache (vtrans.cache, in data.cache_dir) when eval.cache_dense is on: keyed by the model's files, the exact
+    token blocks and the protocol, so every job on the same model and data evaluates the dense model once."""
+    if not (cfg.eval.cache_dense and cfg.model.task == "causal_lm"):
+        return evaluate(model, tokenizer, cfg, data, desc, lm_eval)
+    record = {"model": cache.model_identity(cfg.model), "blocks": cache.digest(data), "window": cfg.data.eval_window,
+              "stride": cfg.data.eval_stride, "version": PERPLEXITY_VERSION}
+    path = cache.entry(cfg.data.cache_dir, "perplexity", record)
+    metrics = cache.read(path, record)
+    if metrics is None:
+        metrics = evaluate(model, tokenizer, cfg, data, desc, lm_eval=False)
+        if is_main_process():
+            cache.write(path, record, metrics)
+    else:
+        log.info("%s: perplexity %.3f read from %s", desc, metrics["ppl"], path)
+    if lm_eval:
+        metrics = {**metrics, **lm_eval_metrics(model, tokenizer, cfg.eval)}
+    return metrics
+
+
+def evaluate_domains(model, cfg: Config, domains: dict[str, torch.Tensor], suffix: str, dense: bool = False) -> dict:
+    """ppl_<name>_<suffix> and nll_<name>_<suffix> of `model` on each cross-domain evaluation set (`dense`: the model
+    is the configured dense one, see evaluate_dense)."""
     metrics = {}
     for name, blocks in domains.items():
-        r = evaluate(model, None, cfg, blocks, f"{suffix} {name}", lm_eval=False)
+        if dense:
+            r = evaluate_dense(model, None, cfg, blocks, f"{suffix} {name}", lm_eval=False)
+        else:
+            r = evaluate(model, None, cfg, blocks, f"{suffix} {name}", lm_eval=False)
         metrics[f"ppl_{name}_{suffix}"], metrics[f"nll_{name}_{suffix}"] = r["ppl"], r["nll"]
         metrics[f"eval_tokens_{name}"] = r["eval_tokens"]
     return metrics

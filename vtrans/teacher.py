@@ -7,10 +7,7 @@ full length). The samples become ordinary text documents (special tokens dropped
 batch like any other source."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -19,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from . import cache
 from .data import TEACHER_PREFIX, Corpus, Document
 
 log = logging.getLogger("vtrans")
-CACHE_ENV = "VTRANS_CACHE"  # default cache directory when data.cache_dir is unset (else ~/.cache/vtrans)
 SAMPLER_VERSION = 1  # part of the cache key: bump when the sampling procedure changes
 WAIT_TIMEOUT_S = 3 * 3600  # a non-main rank waits this long for the main rank's samples
 _SOURCE = re.compile(r"^teacher:(\d+)$")
@@ -44,38 +41,15 @@ def parse(source: str) -> int:
 @dataclass(frozen=True)
 class Sampling:
     """What a set of samples depends on (the cache key holds all of it)."""
-    model: str  # the dense model's identity: resolved path / hub name, GGUF file, dtype, weight files' sizes and times
+    model: str  # the dense model's identity (vtrans.cache.model_identity)
     n: int
     length: int
     temperature: float
     seed: int
     batch_size: int
 
-    def key(self) -> str:
-        record = json.dumps({**self.__dict__, "version": SAMPLER_VERSION}, sort_keys=True)
-        return hashlib.sha256(record.encode()).hexdigest()[:20]
-
-
-def cache_root(cache_dir: str) -> Path:
-    """data.cache_dir, else $VTRANS_CACHE, else ~/.cache/vtrans."""
-    return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vtrans").expanduser()
-
-
-def model_identity(model_cfg) -> str:
-    """The dense model as the cache sees it: where it loads from and a fingerprint of its weight files (name, size,
-    modification time), so samples of a model replaced in place are not reused."""
-    from .models.load import resolve_model_source
-
-    source, kwargs = resolve_model_source(model_cfg)
-    root = Path(source)
-    files = []
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            if p.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth") and p.is_file():
-                st = p.stat()
-                files.append([p.name, st.st_size, st.st_mtime_ns])
-    return json.dumps({"source": str(source), "gguf_file": kwargs.get("gguf_file", ""), "subdir": model_cfg.subdir,
-                       "dtype": model_cfg.dtype, "files": files}, sort_keys=True)
+    def record(self) -> dict:
+        return {**self.__dict__, "version": SAMPLER_VERSION}
 
 
 def documents(source: str, sampling: Sampling, cache_dir: str, dense: Callable[[], tuple], is_main: bool = True,
@@ -83,25 +57,19 @@ def documents(source: str, sampling: Sampling, cache_dir: str, dense: Callable[[
     """The documents of a `teacher:N` source: read from the cache, else sampled from `dense()` (a callable giving
     the dense (model, tokenizer), called only on a cache miss) and written to the cache (by the main process; the
     others wait for its file)."""
-    path = cache_root(cache_dir) / "teacher" / f"{sampling.key()}.json"
+    path = cache.entry(cache_dir, "teacher", sampling.record())
     if not path.is_file() and not is_main:
         _wait_for(path)
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record["sampling"] != sampling.__dict__:  # a hash collision or a hand-edited file
-            raise ValueError(f"teacher sample cache {path} was made for {record['sampling']}, not {sampling.__dict__}; "
-                             "remove it")
-        log.info("%s: %d cached teacher samples from %s", source, len(record["texts"]), path)
-        return Corpus([Document(t) for t in record["texts"]], source)
+    texts = cache.read(path, sampling.record())
+    if texts is not None:
+        log.info("%s: %d cached teacher samples from %s", source, len(texts), path)
+        return Corpus([Document(t) for t in texts], source)
     model, tokenizer = dense()
     t0 = time.perf_counter()
     texts = sample(model, tokenizer, sampling, progress=progress)
     log.info("%s: sampled %d sequences of %d tokens from the dense model in %.0f s; cached in %s", source,
              sampling.n, sampling.length, time.perf_counter() - t0, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"sampling": sampling.__dict__, "texts": texts}))
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    cache.write(path, sampling.record(), texts)
     return Corpus([Document(t) for t in texts], source)
 
 

@@ -48,8 +48,8 @@ def run(cfg: Config, out: Path) -> dict:
     metrics.update(P.evaluate_domains(student, cfg, domains, "before"))
     if cfg.model.task == "causal_lm" and (teacher is not None or domains):  # the dense reference of the ratios
         reference = dense_model()[0]
-        metrics["ppl_dense"] = P.evaluate(reference, tokenizer, cfg, data.held, "dense", lm_eval=False)["ppl"]
-        metrics.update(P.evaluate_domains(reference, cfg, domains, "dense"))
+        metrics["ppl_dense"] = P.evaluate_dense(reference, tokenizer, cfg, data.held, "dense", lm_eval=False)["ppl"]
+        metrics.update(P.evaluate_domains(reference, cfg, domains, "dense", dense=True))
 
     module = DistillModule(student, teacher, cfg.model.task, dc.task_weight, dc.logit_weight, dc.temperature,
                            metrics.get("params_ratio", 1.0))

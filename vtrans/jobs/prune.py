@@ -42,8 +42,8 @@ def run(cfg: Config, out: Path) -> dict:
              len(dense.layers), dense.hidden, f"{param_count(dense):,}", data.train_documents, data.held_documents)
 
     with mm.disabled():
-        dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense")
-        dense_domains = P.evaluate_domains(model, cfg, domains, "dense")
+        dense_eval = P.evaluate_dense(model, tokenizer, cfg, data.held, "dense")
+        dense_domains = P.evaluate_domains(model, cfg, domains, "dense", dense=True)
     log.info("dense: %s", _fmt({**dense_eval, **dense_domains}))
 
     if mask.method == "vib":
