@@ -86,6 +86,7 @@ def test_mix_and_teacher_keys_compose_from_the_command_line():
     ({"data": {"teacher_temperature": 0}}, r"data.teacher_temperature=0.0 must be > 0"),
     ({"data": {"teacher_length": -1}}, r"data.teacher_length=-1 must be >= 0"),
     ({"data": {"teacher_batch_size": 0}}, r"data.teacher_batch_size=0 must be >= 1"),
+    ({"data": {"teacher_start": "eos"}}, r"data.teacher_start='eos' is not accepted; choose one of \['bos', 'random'\]"),
     ({"data": {"eval_source": "teacher:8"}}, r"data.eval_source='teacher:8' is not accepted: evaluation needs real"),
     ({"eval": {"domains": {"Wiki": "w.txt"}}}, r"eval.domains key 'Wiki' is not accepted: a domain name is lower"),
     ({"eval": {"domains": {"cross_domain": "w.txt"}}}, r"eval.domains key 'cross_domain' is reserved"),
@@ -217,6 +218,25 @@ def test_teacher_samples_are_seeded_full_length_and_leave_the_rng_alone(tiny_lm)
     assert min(lengths) >= 6  # 12 sampled tokens each (WordPiece pieces may merge when re-tokenised)
 
 
+def test_a_random_first_token_is_drawn_from_ordinary_tokens_and_kept(tiny_lm, monkeypatch):
+    model, tok = tiny_lm
+    starts = []
+    generate = type(model).generate
+
+    def spy(self, input_ids=None, **kwargs):
+        starts.append(input_ids[:, 0].clone())
+        return generate(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    texts = teacher.sample(model, tok, _sampling(start="random", n=6, batch_size=3))
+    first = torch.cat(starts)
+    assert len(texts) == 6 and len(set(first.tolist())) > 1  # a different start per sequence
+    assert not set(first.tolist()) & set(tok.all_special_ids)
+    assert texts != teacher.sample(model, tok, _sampling(n=6, batch_size=3))  # not the BOS-start samples
+    with pytest.raises(ValueError, match=r"teacher start='middle' is not accepted; choose one of \['bos', 'random'\]"):
+        teacher.sample(model, tok, _sampling(start="middle"))
+
+
 def test_teacher_samples_are_cached_and_the_key_covers_every_setting(tiny_lm, tmp_path):
     model, tok = tiny_lm
     calls = []
@@ -236,7 +256,7 @@ def test_teacher_samples_are_cached_and_the_key_covers_every_setting(tiny_lm, tm
     again = teacher.documents("teacher:5", _sampling(), str(tmp_path), no_model)
     assert [d.text for d in again] == [d.text for d in docs]
     for over in ({"temperature": 0.7}, {"length": 8}, {"seed": 3}, {"n": 4}, {"model": "other"},
-                 {"batch_size": 5}):
+                 {"batch_size": 5}, {"start": "random"}):
         assert cache.entry("c", "teacher", _sampling(**over).record()) != \
             cache.entry("c", "teacher", _sampling().record()), over
     teacher.documents("teacher:5", _sampling(temperature=0.7), str(tmp_path), dense)

@@ -107,6 +107,8 @@ class DataConfig:
     teacher_length: int = 0  # teacher:N sources: new tokens sampled per sequence (0 = seq_len)
     teacher_temperature: float = 1.0  # teacher:N sources: sampling temperature (> 0; no top-k / top-p cut)
     teacher_batch_size: int = 32  # teacher:N sources: sequences sampled at once (part of the cache key)
+    teacher_start: str = "bos"  # teacher:N sources: first token, bos (the BOS / EOS / SEP token) | random (a token
+    #                             drawn uniformly from the vocabulary, special tokens excepted, as LLM-QAT does)
     cache_dir: str = ""  # where teacher samples are cached; "" = $VTRANS_CACHE, else ~/.cache/vtrans
 
     def __post_init__(self):
@@ -158,6 +160,7 @@ class DataConfig:
         if not self.teacher_temperature > 0:
             raise ValueError(f"data.teacher_temperature={self.teacher_temperature} must be > 0 (1.0 samples the "
                              "model's own distribution)")
+        _one_of("data.teacher_start", self.teacher_start, ("bos", "random"))
         if self.teacher_batch_size < 1:
             raise ValueError(f"data.teacher_batch_size={self.teacher_batch_size} must be >= 1")
 

@@ -113,7 +113,7 @@ def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.
 
     sampling = teacher.Sampling(model=cache.model_identity(cfg.model), n=teacher.parse(source),
                                 length=dc.teacher_length or dc.seq_len, temperature=dc.teacher_temperature,
-                                seed=dc.seed, batch_size=dc.teacher_batch_size)
+                                seed=dc.seed, batch_size=dc.teacher_batch_size, start=dc.teacher_start)
     return teacher.documents(source, sampling, dc.cache_dir, dense, is_main=dist_env().local_rank == 0,
                              progress=cfg.progress and is_main_process())
 

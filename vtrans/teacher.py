@@ -1,8 +1,9 @@
 """Data-free calibration: `teacher:N` sources are N sequences sampled from the dense model itself (as LLM-QAT did
 for quantisation), seeded and cached on disk, so that a rerun reads them instead of sampling again.
 
-Each sequence starts from the tokenizer's BOS token (else its EOS token, as GPT-2 starts a document, else SEP) and samples
-`length` tokens at `temperature` (no top-k / top-p cut; the end-of-sequence token is suppressed so every sequence is
+Each sequence starts from the tokenizer's BOS token (else its EOS token, as GPT-2 starts a document, else SEP), or with
+data.teacher_start=random from a token drawn uniformly from the vocabulary (special tokens excepted), as LLM-QAT
+does, which spreads the samples over more of what the model knows, and samples `length` tokens at `temperature` (no top-k / top-p cut; the end-of-sequence token is suppressed so every sequence is
 full length). The samples become ordinary text documents (special tokens dropped), so they split, mix, tokenise and
 batch like any other source."""
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger("vtrans")
 SAMPLER_VERSION = 1  # part of the cache key: bump when the sampling procedure changes
 WAIT_TIMEOUT_S = 3 * 3600  # a non-main rank waits this long for the main rank's samples
 _SOURCE = re.compile(r"^teacher:(\d+)$")
+STARTS = ("bos", "random")
 
 
 def is_teacher(source: str) -> bool:
@@ -47,6 +49,7 @@ class Sampling:
     temperature: float
     seed: int
     batch_size: int
+    start: str = "bos"  # first token: "bos" (the tokenizer's BOS, else EOS, else SEP) | "random" (LLM-QAT)
 
     def record(self) -> dict:
         return {**self.__dict__, "version": SAMPLER_VERSION}
@@ -93,6 +96,13 @@ def sample(model, tokenizer, sampling: Sampling, progress: bool = False) -> list
     if start is None:
         raise ValueError(f"teacher sampling needs a BOS, EOS or SEP token to start from; {type(tokenizer).__name__} "
                          "has none")
+    if sampling.start not in STARTS:
+        raise ValueError(f"teacher start={sampling.start!r} is not accepted; choose one of {list(STARTS)}")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    vocabulary = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    ordinary = torch.ones(vocabulary, dtype=torch.bool)
+    ordinary[special[special < vocabulary]] = False
+    ordinary = ordinary.nonzero().flatten()  # the tokens a random start is drawn from
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
@@ -105,12 +115,16 @@ def sample(model, tokenizer, sampling: Sampling, progress: bool = False) -> list
             for b in tqdm(batches, desc="teacher samples", unit="batch", disable=not progress):
                 rows = min(sampling.batch_size, sampling.n - b)
                 torch.manual_seed(sampling.seed * 1_000_003 + b)
-                ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
+                if sampling.start == "random":
+                    ids = ordinary[torch.randint(0, ordinary.numel(), (rows, 1))].to(device)
+                else:
+                    ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      temperature=sampling.temperature, top_k=0, top_p=1.0,
                                      max_new_tokens=sampling.length, min_new_tokens=sampling.length,
                                      pad_token_id=pad)
-                texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+                first = 0 if sampling.start == "random" else 1  # a random first token is part of the sample
+                texts += tokenizer.batch_decode(out[:, first:], skip_special_tokens=True)
     finally:
         model.train(was_training)
     return [t.strip() or " " for t in texts]
