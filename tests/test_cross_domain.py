@@ -97,6 +97,8 @@ def test_mix_and_teacher_keys_compose_from_the_command_line():
     ({"data": {"mix": [{"source": "w.txt"}]}, "eval": {"domains": {"w": "w.txt"}}},
      r"eval.domains.w='w.txt' is also data.source, data.eval_source or a data.mix source"),
     ({"eval": {"domain_blocks": -1}}, r"eval.domain_blocks=-1 must be >= 0"),
+    ({"distill": {"task_weight": 0, "logit_weight": 0}}, r"distill.task_weight, distill.logit_weight and "
+                                                         r"distill.layer_weight are all 0: training would have nothing"),
     ({"model": {"task": "sequence_classification"}, "data": {"mix": [{"source": "a.txt"}]}},
      r"data.mix needs a causal LM"),
     ({"model": {"task": "sequence_classification"}, "data": {"source": "teacher:4"}},

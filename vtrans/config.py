@@ -270,6 +270,9 @@ class DistillConfig:
             raise ValueError(f"distill.temperature={self.temperature} must be > 0")
         if min(self.task_weight, self.logit_weight, self.layer_weight) < 0:
             raise ValueError("distill weights must be >= 0")
+        if self.task_weight == self.logit_weight == self.layer_weight == 0:
+            raise ValueError("distill.task_weight, distill.logit_weight and distill.layer_weight are all 0: training "
+                             "would have nothing to learn from; set one > 0")
 
 
 @dataclass
@@ -447,7 +450,8 @@ class Config:
         if self.model.task != "causal_lm":
             if self.data.mix:
                 raise ValueError(f"data.mix needs a causal LM (token blocks mix; labelled examples do not), but "
-                                 f"model.task={self.model.task}")
+                                 f"model.task={self.model.task}: choose a data group without a mixture (e.g. "
+                                 "data=polarity; the default, lee_teacher, mixes in teacher samples) or set data.mix=[]")
             if teacher:
                 raise ValueError(f"{teacher[0]!r} (teacher samples) needs a causal LM, but model.task="
                                  f"{self.model.task}")
