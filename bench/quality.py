@@ -1,19 +1,24 @@
-"""Quality at equal budgets: VTrans variants against one-shot baselines on real models, side by side.
+"""Quality at equal budgets, in the calibration domain and across domains: VTrans variants against one-shot baselines
+and an external library (Torch-Pruning) on real models, side by side.
 
-For each budget (parameter reduction, embeddings counted) it runs the prune job with every method on the
-same model, data split and evaluation, and writes a Markdown and a CSV table (held-out perplexity or
-accuracy, parameters, FLOPs, compression wall time) into bench/results/. Usage:
+For each budget (parameter reduction, embeddings counted) it runs the prune job with every method on the same model,
+training data, held-out split and evaluation domains (eval.domains of conf/config.yaml: the default job's), and writes
+a Markdown and a CSV table into bench/results/: per method, the perplexity ratio to dense on the held-out split of the
+calibration data and on every other domain, and the geometric mean of the domain ratios. Usage:
 
-    python bench/quality.py                                   # SmolLM2-135M on the Lee corpus, 20 % and 50 %
-    python bench/quality.py --budgets 0.8 --methods activation,faster --steps 60
+    python bench/quality.py                                   # SmolLM2-135M, 20 % and 50 %, every method
+    python bench/quality.py --budgets 0.8 --methods activation,faster --steps 60 --tuning
+    python bench/quality.py --join smollm2_0.8,smollm2_0.5 --tag smollm2      # one table from two runs' CSVs
 
-The pruned models stay in --out (runs/quality/<method>-<kept>/model) for bench/speed.py.
+`--tuning` drops the final-test domain (FINAL_TEST): tuning runs never evaluate it. The pruned models stay in --out
+(runs/quality/<method>-<kept>/model) for bench/speed.py.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -27,10 +32,12 @@ from vtrans.config import Config, load_config  # noqa: E402
 from vtrans.jobs import run  # noqa: E402
 
 BASELINES = ("random", "magnitude", "activation", "taylor")
+EXTERNAL = ("torch_pruning", "torch_pruning_taylor")  # bench/external.py: the library's LLM recipe / its Taylor
 VARIANTS = ("faster", "fast", "vtrans")
-NAMES = {"faster": "Faster-VTrans", "fast": "Fast-VTrans", "vtrans": "VTrans", "recovery": "VTrans + recovery"}
-
-
+NAMES = {"faster": "Faster-VTrans", "fast": "Fast-VTrans", "vtrans": "VTrans", "recovery": "VTrans + recovery",
+         "torch_pruning": "Torch-Pruning (LLM example)", "torch_pruning_taylor": "Torch-Pruning, Taylor"}
+# The final-test domain, chosen before any tuning: no tuning run evaluates it (--tuning drops it). See bench/README.md.
+FINAL_TEST = "wiki"
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -42,82 +49,156 @@ def compose(overrides: list[str]) -> Config:
         return load_config(hydra_compose("config", overrides=overrides))
 
 
+def common(args) -> list[str]:
+    out = [f"data.seq_len={args.seq_len}", f"data.max_eval_blocks={args.eval_blocks}",
+           f"eval.domain_blocks={args.domain_blocks}", "progress=false", "logger=none", *args.set]
+    if args.tuning:
+        out.append(f"~eval.domains.{FINAL_TEST}")
+    return out
+
+
 def config(method: str, keep: float, args) -> Config:
-    mask = [f"mask.method={method}"] if method in BASELINES else [f"mask={method}", *args.vib]
-    return compose([*mask, f"budget.target={keep}", f"data.seq_len={args.seq_len}",
-                    f"data.max_eval_blocks={args.eval_blocks}", f"optim.steps={args.steps}", "progress=false",
-                    "logger=none", f"output_dir={Path(args.out) / f'{method}-{keep}'}"])
+    if method in VARIANTS:
+        mask = [f"mask={method}", f"optim.steps={args.steps}", *args.vib]
+    elif method in EXTERNAL:  # bench/external.py reads its importance off mask.method
+        mask = ["mask.method=" + ("magnitude" if method == "torch_pruning" else "taylor")]
+    else:
+        mask = [f"mask.method={method}"]
+    return compose([*mask, f"budget.target={keep}", *common(args),
+                    f"output_dir={Path(args.out) / f'{method}-{keep}'}"])
 
 
 def recovery_config(model_dir: str, keep: float, args) -> Config:
-    return compose(["job=finetune", f"model_dir={model_dir}", f"data.seq_len={args.seq_len}",
-                    f"data.max_eval_blocks={args.eval_blocks}", f"finetune.steps={args.recovery_steps}",
-                    f"finetune.lr={args.recovery_lr}", "progress=false", "logger=none",
+    return compose(["job=finetune", f"model_dir={model_dir}", f"finetune.steps={args.recovery_steps}",
+                    f"finetune.lr={args.recovery_lr}", *common(args), *args.recovery,
                     f"output_dir={Path(args.out) / f'recovery-{keep}'}"])
 
 
-def row(keep: float, method: str, m: dict, seconds: float, wall: float) -> dict:
-    return {"budget_kept": keep, "method": method, "params": m["params_pruned"],
-            "param_reduction": round(m["param_reduction"], 4), "ppl_dense": round(m["ppl_dense"], 3),
-            "ppl": round(m["ppl_pruned"], 3), "ppl_ratio": round(m["ppl_pruned"] / m["ppl_dense"], 3),
-            "flops_ratio": round(m["flops_pruned"] / m["flops_dense"], 4), "compression_s": round(seconds, 1),
-            "job_wall_s": round(wall, 1), "model_dir": m.get("model_dir", "")}
+def row(keep: float, method: str, m: dict, seconds: float, wall: float, new: str = "pruned") -> dict:
+    domains = list(m.get("eval_domains", {}))
+    r = {"budget_kept": keep, "method": method, "params": m["params_pruned"],
+         "param_reduction": round(m["param_reduction"], 4), "ppl_dense": round(m["ppl_dense"], 3),
+         "ppl": round(m[f"ppl_{new}"], 3), "ratio_calibration": round(m[f"ppl_{new}"] / m["ppl_dense"], 4)}
+    for d in domains:
+        r[f"ppl_{d}_dense"] = round(m[f"ppl_{d}_dense"], 3)
+        r[f"ppl_{d}"] = round(m[f"ppl_{d}_{new}"], 3)
+        r[f"ratio_{d}"] = round(m[f"ppl_{d}_{new}"] / m[f"ppl_{d}_dense"], 4)
+    r.update(summary(r, domains))
+    r.update({"flops_ratio": round(m["flops_pruned"] / m["flops_dense"], 4) if m.get("flops_dense") else "",
+              "compression_s": round(seconds, 1), "job_wall_s": round(wall, 1), "model_dir": m.get("model_dir", "")})
+    return r
+
+
+def summary(r: dict, domains: list[str]) -> dict:
+    """Geometric means of the domain ratios: over the development domains (every domain but the final test) and over
+    all of them (the cross-domain headline, ppl_ratio_cross_domain)."""
+    def gmean(ds):
+        return round(math.exp(sum(math.log(r[f"ratio_{d}"]) for d in ds) / len(ds)), 4) if ds else ""
+    dev = [d for d in domains if d != FINAL_TEST]
+    return {"ratio_dev_mean": gmean(dev), "ratio_cross_domain": gmean(domains)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", default="0.8,0.5", help="kept parameter shares")
-    p.add_argument("--methods", default=",".join(BASELINES + VARIANTS),
-                   help="baselines and variants; vtrans is followed by recovery fine-tuning unless --recovery-steps 0")
+    p.add_argument("--methods", default=",".join(BASELINES + EXTERNAL + VARIANTS),
+                   help="baselines, Torch-Pruning rows and variants; vtrans is followed by recovery fine-tuning unless "
+                        "--recovery-steps 0")
     p.add_argument("--steps", type=int, default=100, help="mask-training steps of the VTrans variants")
     p.add_argument("--recovery-steps", type=int, default=100)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-blocks", type=int, default=0, help="0 = the whole held-out split")
+    p.add_argument("--eval-blocks", type=int, default=0, help="held-out blocks of the calibration data; 0 = all")
+    p.add_argument("--domain-blocks", type=int, default=32, help="blocks per evaluation domain (eval.domain_blocks)")
+    p.add_argument("--tuning", action="store_true", help=f"drop the final-test domain ({FINAL_TEST}) from evaluation")
     p.add_argument("--out", default="runs/quality", help="run directories (pruned models for bench/speed.py)")
     p.add_argument("--results", default="bench/results", help="where the tables go")
     p.add_argument("--tag", default="smollm2")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for every method and recovery (repeatable), e.g. the training data")
     p.add_argument("--vib", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override for the VTrans variants only (repeatable), e.g. --vib mask.init_spread=4")
+    p.add_argument("--recovery", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for recovery fine-tuning only (repeatable)")
+    p.add_argument("--join", default="", help="comma-separated tags of earlier runs: write one table from their CSVs")
     args = p.parse_args()
-    rows = []
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
+    if args.join:
+        rows = []
+        for tag in args.join.split(","):
+            with open(out / f"quality_{tag}.csv") as f:
+                rows += list(csv.DictReader(f))
+        _write(rows, out, args, {})
+        print((out / f"quality_{args.tag}.md").read_text())
+        return
+    rows = []
     for keep in (float(b) for b in args.budgets.split(",")):
         for method in args.methods.split(","):
             t = time.perf_counter()
-            m = run(config(method, keep, args))
+            if method in EXTERNAL:
+                from bench.external import run as external_run
+
+                m = external_run(config(method, keep, args))
+            else:
+                m = run(config(method, keep, args))
             rows.append(row(keep, method, m, m["train_time_s"], time.perf_counter() - t))
             print(json.dumps(rows[-1]), flush=True)
             if method == "vtrans" and args.recovery_steps > 0:
                 t = time.perf_counter()
                 f = run(recovery_config(m["model_dir"], keep, args))
-                r = dict(m, ppl_pruned=f["ppl_after"], model_dir=f.get("model_dir", ""))
+                r = dict(m, ppl_after=f["ppl_after"], model_dir=f.get("model_dir", ""),
+                         **{f"ppl_{d}_after": f[f"ppl_{d}_after"] for d in m.get("eval_domains", {})})
                 rows.append(row(keep, "recovery", r, m["train_time_s"] + f["train_time_s"],
-                                rows[-1]["job_wall_s"] + time.perf_counter() - t))
+                                rows[-1]["job_wall_s"] + time.perf_counter() - t, new="after"))
                 print(json.dumps(rows[-1]), flush=True)
             _write(rows, out, args, m)
     print((out / f"quality_{args.tag}.md").read_text())
 
 
 def _write(rows: list[dict], out: Path, args, m: dict) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / f"quality_{args.tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    protocol = (f"Held-out perplexity: {m.get('eval_protocol', '')}, {m.get('eval_tokens', '?')} tokens of held-out "
-                f"documents never trained on (window {m.get('eval_window')}, stride {m.get('eval_stride')}). VTrans "
-                f"variants: {args.steps} mask-training steps of {m.get('train_tokens', 0) // max(1, args.steps)} tokens; "
-                f"recovery: {args.recovery_steps} fine-tuning steps (lr {args.recovery_lr}) distilled from the dense "
-                "model. Parameters counted with embeddings; compression time = scoring or training (+ recovery).")
-    lines = [protocol, "",
-             "| kept | method | params | reduction | FLOPs ratio | held-out ppl | x dense | compression s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    domains = [k[len("ratio_"):] for k in fields if k.startswith("ratio_") and k not in
+               ("ratio_calibration", "ratio_dev_mean", "ratio_cross_domain")]
+    dev = [d for d in domains if d != FINAL_TEST]
+    head = ["kept", "method", "reduction", "calibration (held-out)", *dev, "dev mean"]
+    if FINAL_TEST in domains:
+        head += [f"{FINAL_TEST} (final test)", "cross-domain mean"]
+    head.append("compression s")
+    lines = []
+    if m:
+        lines += [f"Perplexity ratios to the dense model (lower is better): the held-out split of the calibration "
+                  f"data ({m.get('eval_tokens', '?')} tokens, {m.get('eval_protocol', '')} of {args.seq_len}) and "
+                  f"{args.domain_blocks} evenly spaced {args.seq_len}-token blocks of each other domain; means are "
+                  "geometric. Parameters counted with embeddings.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    first = rows[0] if rows else {}
+    dense = ["", "dense ppl", "", f"{float(first.get('ppl_dense', 0)):.2f}",
+             *[f"{float(first.get(f'ppl_{d}_dense', 0)):.2f}" for d in dev], ""]
+    if FINAL_TEST in domains:
+        dense += [f"{float(first.get(f'ppl_{FINAL_TEST}_dense', 0)):.2f}", ""]
+    lines.append("| " + " | ".join(dense + [""]) + " |")
     for r in rows:
-        lines.append(f"| {r['budget_kept']} | {NAMES.get(r['method'], r['method'])} | {r['params']:,} | "
-                     f"{r['param_reduction']:.1%} | {r['flops_ratio']:.3f} | {r['ppl']:.2f} (dense {r['ppl_dense']:.2f}) "
-                     f"| {r['ppl_ratio']:.2f} | {r['compression_s']} |")
+        cells = [str(r["budget_kept"]), NAMES.get(r["method"], r["method"]), f"{float(r['param_reduction']):.1%}",
+                 _x(r["ratio_calibration"]), *[_x(r.get(f"ratio_{d}")) for d in dev], _x(r.get("ratio_dev_mean"))]
+        if FINAL_TEST in domains:
+            cells += [_x(r.get(f"ratio_{FINAL_TEST}")), f"**{_x(r.get('ratio_cross_domain'))}**"]
+        cells.append(str(r["compression_s"]))
+        lines.append("| " + " | ".join(cells) + " |")
     (out / f"quality_{args.tag}.md").write_text("\n".join(lines) + "\n")
+
+
+def _x(v) -> str:
+    if v in (None, ""):
+        return ""
+    v = float(v)
+    return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def fine_tuned(dense_dir: str) -> list[str]:
 
 def dense_finetune(fold: int, out: Path, args) -> dict:
     """The dense MiniLM + a fresh head, fine-tuned on the training folds with the task loss only."""
-    minilm = compose(["model=minilm"]).model
+    minilm = compose(["model=minilm", "data=polarity"]).model
     return run(compose(base_overrides(fold, out, args) + [
         "job=finetune", f"model_dir={resolve_model_source(minilm)[0]}", "distill.logit_weight=0",
         f"finetune.steps={args.dense_steps}", f"finetune.lr={args.dense_lr}", f"finetune.batch_size={args.dense_batch}"]))

@@ -21,4 +21,6 @@ $PIP install -q -c constraints.txt gensim
 if [ "${VTRANS_LLAMA_CPP:-1}" != 0 ]; then
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} $PIP install -q -c constraints.txt -e ".[deploy]"
 fi
+# Torch-Pruning, the external baseline of bench/quality.py (its only dependencies, torch and numpy, are installed).
+$PIP install -q --no-deps torch-pruning==1.6.1
 echo "vtrans installed in $VENV"

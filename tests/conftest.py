@@ -1,14 +1,13 @@
 """Shared fixtures: tiny random models of each family, offline environment, markers."""
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "VTRANS_CACHE" not in os.environ:  # the token cache of the tests' runs stays out of the user's ~/.cache
-    import tempfile
-
-    os.environ["VTRANS_CACHE"] = tempfile.mkdtemp(prefix="vtrans-test-cache-")
+# the token cache, teacher samples and dense perplexities (vtrans.cache) of the tests' runs stay out of ~/.cache
+os.environ.setdefault("VTRANS_CACHE", tempfile.mkdtemp(prefix="vtrans-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

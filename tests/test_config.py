@@ -11,6 +11,8 @@ from vtrans.config import Config, load_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir()}
+# model groups whose task is classification: they need classification data, not the default LM mixture
+CLASSIFIERS = {o for o in GROUPS["model"] if "task: causal_lm" not in (CONF / "model" / f"{o}.yaml").read_text()}
 
 
 def _compose(overrides=()):
@@ -27,8 +29,15 @@ def test_default_composes_to_the_embedded_job():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = load_config(_compose([f"{group}={option}"]))
+    # a classifier needs classification data: the default data group mixes teacher samples into LM training data
+    extra = ["data=polarity"] if group == "model" and option in CLASSIFIERS else []
+    cfg = load_config(_compose([f"{group}={option}", *extra]))
     assert isinstance(cfg, Config)
+
+
+def test_a_classifier_on_the_default_lm_mixture_names_the_way_out():
+    with pytest.raises(ValueError, match=r"data.mix needs a causal LM .* choose a data group without a mixture"):
+        load_config(_compose(["model=minilm"]))
 
 
 def test_unknown_key_fails_naming_it():
@@ -63,7 +72,7 @@ def test_wrong_type_fails_naming_the_key():
     ("mask.init_from=random", r"mask.init_from='random' is not accepted; choose one of"),
     ("mask.init_spread=0", r"mask.init_spread=0.0 must be > 0"),
     ("data.folds=5 data.eval_source=dev.csv", r"data.folds=5 splits data.source into folds, but data.eval_source"),
-    ("data.folds=5 model.task=question_answering data.source=squad.json",
+    ("data=lee data.folds=5 model.task=question_answering data.source=squad.json",
      r"data.folds=5 is not supported for model.task=question_answering"),
 ])
 def test_bad_values_fail_at_validation(override, match):

@@ -52,8 +52,10 @@ def _header(title: str, pct: int, variant: str) -> str:
 
 
 def _defaults(model: str, variant: str, pct: int) -> str:
+    # data=lee: the paper's protocol trains on the task's own data alone, with the task loss and the schema's mask lr
+    # (the default data group, lee_teacher, mixes in teacher samples and distils only); the keys below replace its text
     return (f"defaults:\n  - override /model: {model}\n  - override /mask: {variant}\n"
-            f"  - override /budget: {BUDGETS[pct]}\n\n")
+            f"  - override /budget: {BUDGETS[pct]}\n  - override /data: lee\n\n")
 
 
 def grid() -> dict[str, str]:

@@ -484,13 +484,14 @@ def test_no_readable_checkpoint_is_an_error_naming_the_directory(tmp_path):
 
 
 def test_uniform_export_of_masked_heads_fails_before_data_or_weights(tmp_path, monkeypatch):
-    """The user's `model=minilm export_uniform=true`: refused after reading MiniLM's config.json."""
+    """The user's `model=minilm data=polarity export_uniform=true`: refused after reading MiniLM's config.json."""
     no_model_loads(monkeypatch)
     with pytest.raises(ValueError, match="uniform export of a bert model can only prune FFN neurons"):
-        run(compose_cfg(["model=minilm", "export_uniform=true", f"output_dir={tmp_path}", "progress=false"]))
+        run(compose_cfg(["model=minilm", "data=polarity", "export_uniform=true", f"output_dir={tmp_path}",
+                         "progress=false"]))
     # the structures a uniform BERT export allows pass the check (and fail only at the stubbed loader)
     with pytest.raises(AssertionError, match="a model was loaded"):
-        run(compose_cfg(["model=minilm", "export_uniform=true", "mask.structures=[neurons,ffn]",
+        run(compose_cfg(["model=minilm", "data=polarity", "export_uniform=true", "mask.structures=[neurons,ffn]",
                          f"output_dir={tmp_path}", "progress=false"]))
 
 

@@ -95,13 +95,13 @@ def lm_overrides(assets, out, *extra):
     return ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
             f"data.source={assets / 'lee.txt'}", "data.seq_len=32", "data.max_eval_blocks=6",
             "budget.count_embeddings=false", "optim.steps=3", "optim.log_every=1", f"output_dir={out}",
-            "progress=false", *extra]
+            "progress=false", "eval=none", "data=lee", *extra]
 
 
 def bert_overrides(assets, model, source, out, *extra):
     return ["model.package=", f"model.name_or_path={assets / model}", "model.gguf_file=",
             "model.task=sequence_classification", f"data.source={assets / source}", "data.seq_len=48",
-            "data.heldout_fraction=0.25", f"output_dir={out}", "progress=false", *extra]
+            "data.heldout_fraction=0.25", f"output_dir={out}", "progress=false", "data=lee", *extra]
 
 
 @pytest.fixture(scope="session")

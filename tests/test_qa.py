@@ -260,7 +260,7 @@ def test_prune_job_prunes_a_bert_qa_model_that_reloads_in_a_fresh_process(squad_
     out = tmp_path / "out"
     common = ["model.package=", f"model.name_or_path={model_dir}", "model.gguf_file=", "model.task=question_answering",
               f"data.source={squad_files / 'squad.json'}", "data.seq_len=48", "data.heldout_fraction=0.25",
-              "eval.qa_doc_stride=16", "progress=false"]
+              "eval.qa_doc_stride=16", "progress=false", "data=lee"]
     m = run(_compose(common + ["mask=faster", "budget=params80", "optim.steps=4", "optim.batch_size=4",
                                "optim.log_every=1", f"output_dir={out}"]))
     # the budget (embeddings counted: 97 % of this model, so the hidden dimension must shrink) is met

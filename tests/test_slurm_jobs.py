@@ -63,7 +63,7 @@ def submit(cluster: LocalSlurm, assets: Path, work: Path, *overrides: str, nodes
     env.update(extra_env or {})
     args = ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
             f"data.source={assets / 'news.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
-            "budget.count_embeddings=false", "optim.batch_size=4", "progress=false",
+            "budget.count_embeddings=false", "optim.batch_size=4", "progress=false", "eval=none", "data=lee",
             f"output_dir={work / 'out'}", f"hydra.run.dir={work / 'hydra'}", *overrides]
     return cluster.sbatch(f"--nodes={nodes}", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                           f"--output={work / 'slurm-%j.out'}", str(TEMPLATE), *args, cwd=REPO, env=env)
@@ -216,7 +216,8 @@ def test_submit_script_runs_a_job_file(slurm_cluster, assets, tmp_path):
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     extra = ["model.package=", f"model.name_or_path={assets / 'llama'}", "model.gguf_file=",
              f"data.source={assets / 'news.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
-             "budget.count_embeddings=false", "optim.steps=3", "optim.batch_size=2", "progress=false"]
+             "budget.count_embeddings=false", "optim.steps=3", "optim.batch_size=2", "progress=false",
+             "eval=none", "data=lee"]
     job_file = tmp_path / "tiny_two_seeds.yaml"  # the committed file's resources, two seeds, 1 CPU per task
     text = (REPO / "jobs" / "smollm2_faster_zero3.yaml").read_text()
     job_file.write_text(text.replace("seeds: [0, 1, 2]", "seeds: [0, 1]").replace("cpus-per-task: 4",

@@ -43,7 +43,8 @@ def dense(tmp_path_factory):
 def sweep(dense: Path, sweep_dir: Path, *overrides: str, env: dict | None = None, timeout: float = 300):
     cmd = [sys.executable, str(LAUNCH), "-m", "model.package=", f"model.name_or_path={dense / 'llama'}",
            "model.gguf_file=", f"data.source={dense / 'lee.txt'}", "data.seq_len=32", "data.max_eval_blocks=4",
-           "budget.count_embeddings=false", "optim.steps=2", "progress=false", f"hydra.sweep.dir={sweep_dir}",
+           "budget.count_embeddings=false", "optim.steps=2", "progress=false", "eval=none", "data=lee",
+           f"hydra.sweep.dir={sweep_dir}",
            *overrides]
     env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -4,6 +4,7 @@ an unknown key or a wrong type fails at composition, naming the key; value check
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,8 +31,10 @@ PRIMARY_METRICS = ("", "ppl", "accuracy", "f1", "matthews_corrcoef", "pearson", 
 PRIMARY_BY_TASK = {"causal_lm": ("ppl", "lm_eval_mean"),
                    "sequence_classification": ("accuracy", "f1", "matthews_corrcoef", "pearson", "spearman"),
                    "question_answering": ("exact_match", "f1")}
-_SOURCES = ("accepted sources: gensim:<file>, a local .txt/.jsonl/.json/.csv/.tsv file, "
-            "or hf:<dataset>[:<config>]:<split>")
+_SOURCES = ("accepted sources: gensim:<file>, pydoc:topics, package:<import name>/<glob>, a local "
+            ".txt/.jsonl/.json/.csv/.tsv/.bz2 (MediaWiki dump) file, hf:<dataset>[:<config>]:<split>, or (training "
+            "data of causal LMs) teacher:N, N sequences sampled from the dense model")
+_DOMAIN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _QA_SOURCES = ("hf:<dataset>[:<config>]:<split>, a local .json (SQuAD v1.1's nested layout, or flat records) "
                "or .jsonl file (flat records: id, context, question, answers)")
 
@@ -39,6 +42,22 @@ _QA_SOURCES = ("hf:<dataset>[:<config>]:<split>, a local .json (SQuAD v1.1's nes
 def _one_of(name: str, value: Any, accepted) -> None:
     if value not in accepted:
         raise ValueError(f"{name}={value!r} is not accepted; choose one of {list(accepted)}")
+
+
+def _teacher_count(name: str, source: str) -> None:
+    """A teacher:N source must give N >= 1 sequences."""
+    m = re.fullmatch(r"teacher:(\d+)", source)
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(f"{name}={source!r} is not accepted: a teacher source is teacher:N with N >= 1 sequences "
+                         "sampled from the dense model, e.g. teacher:256")
+
+
+@dataclass
+class MixSource:
+    """One source of a training mixture (data.mix) and its weight: its share of the training sequences is
+    weight / (sum of the weights)."""
+    source: str = ""
+    weight: float = 1.0
 
 
 @dataclass
@@ -91,7 +110,17 @@ class DataConfig:
     #                          data.eval_source for the evaluation text
     cache: bool = True  # causal LMs: token blocks are tokenised once (by one process) and kept on disk, memory-mapped
     #                     by every process and every later job with the same data, tokenizer and split
-    cache_dir: str = ""  # "" = $VTRANS_CACHE, else ~/.cache/vtrans (blocks under its tokens/ folder)
+    mix: list[MixSource] = field(default_factory=list)  # training mixture (causal LMs): [{source, weight}, ...]; the
+    #   training sequences of masks, distillation and recovery fine-tuning come from these sources in proportion to
+    #   their weights (data.source's entry uses its training split); [] = data.source's training split alone.
+    #   data.source's held-out split stays the evaluation data (the calibration domain).
+    teacher_length: int = 0  # teacher:N sources: new tokens sampled per sequence (0 = seq_len)
+    teacher_temperature: float = 1.0  # teacher:N sources: sampling temperature (> 0; no top-k / top-p cut)
+    teacher_batch_size: int = 32  # teacher:N sources: sequences sampled at once (part of the cache key)
+    teacher_start: str = "bos"  # teacher:N sources: first token, bos (the BOS / EOS / SEP token) | random (a token
+    #                             drawn uniformly from the vocabulary, special tokens excepted, as LLM-QAT does)
+    cache_dir: str = ""  # "" = $VTRANS_CACHE, else ~/.cache/vtrans: token blocks (tokens/), teacher samples, dense
+    #                      perplexities
 
     def __post_init__(self):
         if not 0 < self.heldout_fraction < 1:
@@ -128,6 +157,36 @@ class DataConfig:
         if self.streaming and not self.eval_source:
             raise ValueError("data.streaming=true cannot hold documents out of a stream: set data.eval_source (e.g. "
                              "hf:Salesforce/wikitext:wikitext-2-raw-v1:test)")
+        if self.source.startswith("teacher:"):
+            _teacher_count("data.source", self.source)
+        if self.eval_source.startswith("teacher:"):
+            raise ValueError(f"data.eval_source={self.eval_source!r} is not accepted: evaluation needs real text, "
+                             f"teacher samples only train; {_SOURCES}")
+        seen = set()
+        for i, entry in enumerate(self.mix):
+            if not entry.source:
+                raise ValueError(f"data.mix[{i}].source is empty; {_SOURCES}")
+            if entry.source.startswith("teacher:"):
+                _teacher_count(f"data.mix[{i}].source", entry.source)
+            if not entry.weight > 0:
+                raise ValueError(f"data.mix[{i}].weight={entry.weight} must be > 0 (the source's share of the training "
+                                 "sequences is its weight over the sum of the weights)")
+            if entry.source in seen:
+                raise ValueError(f"data.mix[{i}].source={entry.source!r} is listed twice; give it one entry and "
+                                 "weight")
+            seen.add(entry.source)
+        if self.teacher_length < 0:
+            raise ValueError(f"data.teacher_length={self.teacher_length} must be >= 0 (0: data.seq_len tokens)")
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"data.teacher_temperature={self.teacher_temperature} must be > 0 (1.0 samples the "
+                             "model's own distribution)")
+        _one_of("data.teacher_start", self.teacher_start, ("bos", "random"))
+        if self.teacher_batch_size < 1:
+            raise ValueError(f"data.teacher_batch_size={self.teacher_batch_size} must be >= 1")
+
+    def training_sources(self) -> list[str]:
+        """The sources training sequences come from: the mixture's, else data.source."""
+        return [m.source for m in self.mix] if self.mix else [self.source]
 
 
 @dataclass
@@ -234,6 +293,9 @@ class DistillConfig:
             raise ValueError(f"distill.temperature={self.temperature} must be > 0")
         if min(self.task_weight, self.logit_weight, self.layer_weight) < 0:
             raise ValueError("distill weights must be >= 0")
+        if self.task_weight == self.logit_weight == self.layer_weight == 0:
+            raise ValueError("distill.task_weight, distill.logit_weight and distill.layer_weight are all 0: training "
+                             "would have nothing to learn from; set one > 0")
 
 
 @dataclass
@@ -276,10 +338,31 @@ class EvalConfig:
     qa_doc_stride: int = 128  # overlap of the windows a long SQuAD context is cut into (tokens)
     qa_max_answer_len: int = 30  # longest predicted answer span (tokens)
     qa_n_best: int = 20  # start / end candidates per window
+    domains: dict[str, str] = field(default_factory=dict)  # cross-domain evaluation: name -> source of text never
+    #   used for calibration or training (same syntax as data.source); each is reported as ppl_<name>_dense /
+    #   _pruned (finetune: _before / _after / _dense) with its ratio ppl_ratio_<name>, and ppl_ratio_cross_domain is
+    #   the geometric mean of the ratios. Perplexity is a causal-LM metric: other tasks skip the domains (logged)
+    domain_blocks: int = 64  # data.seq_len-token blocks evaluated per domain, evenly spaced over it (0 = all)
+    cache_dense: bool = True  # reuse the dense model's perplexities (held-out split and domains) from data.cache_dir:
+    #                          keyed by its weight files, the exact tokens and the protocol (lm-eval tasks never cached)
 
     def __post_init__(self):
         _one_of("eval.primary", self.primary, PRIMARY_METRICS)
         _one_of("eval.protocol", self.protocol, PPL_PROTOCOLS)
+        for name, source in self.domains.items():
+            if name in ("calibration_domain", "cross_domain"):
+                raise ValueError(f"eval.domains key {name!r} is reserved (ppl_ratio_{name} is a summary metric); "
+                                 "choose another name")
+            if not _DOMAIN_NAME.match(name):
+                raise ValueError(f"eval.domains key {name!r} is not accepted: a domain name is lower-case letters, "
+                                 "digits and underscores, starting with a letter (it names metrics ppl_<name>_*)")
+            if not source:
+                raise ValueError(f"eval.domains.{name} is empty; {_SOURCES}")
+            if source.startswith("teacher:"):
+                raise ValueError(f"eval.domains.{name}={source!r} is not accepted: evaluation needs real text, "
+                                 "teacher samples only train")
+        if self.domain_blocks < 0:
+            raise ValueError(f"eval.domain_blocks={self.domain_blocks} must be >= 0 (0: every block of a domain)")
         for name in ("batch_size", "qa_doc_stride", "qa_max_answer_len", "qa_n_best"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
@@ -449,6 +532,21 @@ class Config:
                              f"model.task={self.model.task}")
         if self.eval.lm_eval_tasks and self.model.task != "causal_lm":
             raise ValueError(f"eval.lm_eval_tasks need a causal LM, but model.task={self.model.task}")
+        teacher = [s for s in self.data.training_sources() + [self.data.source] if s.startswith("teacher:")]
+        if self.model.task != "causal_lm":
+            if self.data.mix:
+                raise ValueError(f"data.mix needs a causal LM (token blocks mix; labelled examples do not), but "
+                                 f"model.task={self.model.task}: choose a data group without a mixture (e.g. "
+                                 "data=polarity; the default, lee_teacher, mixes in teacher samples) or set data.mix=[]")
+            if teacher:
+                raise ValueError(f"{teacher[0]!r} (teacher samples) needs a causal LM, but model.task="
+                                 f"{self.model.task}")
+        training = set(self.data.training_sources())
+        for name, source in self.eval.domains.items():
+            if source == self.data.source or source in training or source == self.data.eval_source:
+                raise ValueError(f"eval.domains.{name}={source!r} is also data.source, data.eval_source or a "
+                                 "data.mix source: a cross-domain evaluation must use text never used for calibration "
+                                 "or training")
         if self.model.task == "question_answering":
             if self.data.folds:
                 raise ValueError(f"data.folds={self.data.folds} is not supported for model.task=question_answering "
@@ -465,7 +563,8 @@ class Config:
 # job writes, how it reports and how it checkpoints; a finished run's directory is reused only under the same one.
 # The training fingerprint is the part a job's training depends on (recorded in every checkpoint): a checkpoint is
 # resumed only under the same one, so e.g. evaluation settings may change between a preemption and the resume.
-NOT_RESULT = ("output_dir", "progress", "logger", "checkpoint", "optim.log_every")
+NOT_RESULT = ("output_dir", "progress", "logger", "checkpoint", "optim.log_every", "data.cache", "data.cache_dir",
+              "eval.cache_dense")  # caches only spare work: their contents are keyed by what decides them
 TRAINING_FIELDS = {
     "prune": ("job", "model", "data", "mask", "budget", "optim", "distill", "deepspeed", "export_uniform"),
     "finetune": ("job", "model", "model_dir", "data", "optim", "distill", "finetune", "deepspeed"),

@@ -5,13 +5,20 @@ questions become overlapping windows over their passage with answer-span labels 
 """
 from __future__ import annotations
 
+import builtins
+import bz2
+import copyreg
+import importlib.util
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +37,12 @@ LABEL_PREFIX = "__label__"
 TEXT_SUFFIXES = (".txt",)
 DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
 ACCEPTED_SOURCES = (
-    "gensim:<file name in gensim's test data>, "
-    "a local .txt (one document per line), .jsonl, .json, .csv or .tsv file, "
+    "gensim:<file name in gensim's test data>, pydoc:topics (Python's language reference), "
+    "package:<import name>/<glob> (text files an installed package ships, one document per file), "
+    "a local .txt (one document per line), .jsonl, .json, .csv, .tsv or MediaWiki dump (.bz2) file, "
     "or hf:<dataset>[:<config>]:<split>"
 )
+TEACHER_PREFIX = "teacher:"  # teacher:N, sequences sampled from the dense model: vtrans.teacher, not this module
 OFFLINE_HINT = (
     " Offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): download the dataset once with network "
     "access so it is cached."
@@ -85,8 +94,15 @@ def load_documents(
         raise ValueError(f"limit must be a positive number of documents or None, got {limit}")
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be a non-empty string; accepted: {ACCEPTED_SOURCES}")
+    if source.startswith(TEACHER_PREFIX):
+        raise ValueError(f"source {source!r} is sampled from the dense model by the job (vtrans.teacher), not read "
+                         f"from disk; load_documents accepts: {ACCEPTED_SOURCES}")
     if source.startswith("gensim:"):
         corpus = _load_gensim(source[len("gensim:"):], source)
+    elif source.startswith("pydoc:"):
+        corpus = _load_pydoc(source[len("pydoc:"):], source)
+    elif source.startswith("package:"):
+        corpus = _load_package_files(source[len("package:"):], source)
     elif source.startswith("hf:"):
         corpus = _load_hf(source[len("hf:"):], source, text_field, label_field, limit)
     else:
@@ -112,12 +128,107 @@ def _load_gensim(name: str, source: str) -> Corpus:
         raise ValueError(f"source {source!r}: expected gensim:<file name>, e.g. gensim:lee_background.cor")
     path = Path(datapath(name))
     if not path.is_file():
-        available = sorted(p.name for p in path.parent.iterdir() if p.suffix in (".cor", ".txt"))
+        available = sorted(p.name for p in path.parent.iterdir()
+                           if p.suffix in (".cor", ".txt", ".bz2") or p.name == NEWSGROUPS_FILE)
         raise FileNotFoundError(
             f"gensim test data has no file {name!r} (looked in {path.parent}); available text files: "
             f"{', '.join(available)}"
         )
+    if path.suffix == ".bz2":
+        return _mediawiki_corpus(path, source)
+    if path.name == NEWSGROUPS_FILE:
+        return _newsgroups_corpus(path, source)
     return _text_lines_corpus(path, source)
+
+
+NEWSGROUPS_FILE = "mini_newsgroup"  # gensim's 200 posts of 20 Newsgroups (alt.atheism, sci.space): a pickled Bunch
+
+
+class _Ignored:
+    """Stands in for the numpy arrays of a pickled scikit-learn Bunch (its labels), which are not needed."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+class _BunchUnpickler(pickle.Unpickler):
+    """Reads a pickled scikit-learn Bunch of strings without scikit-learn or numpy, and runs no other code: only a
+    dict reconstructor and plain containers are allowed; numpy objects become _Ignored."""
+
+    def find_class(self, module: str, name: str):
+        if name == "_reconstructor" and module in ("copy_reg", "copyreg"):
+            return copyreg._reconstructor
+        if name == "Bunch":
+            return dict
+        if module in ("__builtin__", "builtins") and name in ("dict", "list", "object", "str", "tuple"):
+            return getattr(builtins, name)
+        if module.split(".")[0] == "numpy":
+            return _Ignored
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a pickled corpus")
+
+
+def _newsgroups_corpus(path: Path, source: str) -> Corpus:
+    """One document per post, its mail headers (everything before the first blank line) removed."""
+    bunch = _BunchUnpickler(io.BytesIO(zlib.decompress(path.read_bytes())), encoding="latin-1").load()
+    posts = [post.split("\n\n", 1)[-1].strip() for post in bunch["data"]]
+    return Corpus([Document(post) for post in posts if post], source)
+
+
+def _mediawiki_corpus(path: Path, source: str) -> Corpus:
+    """One document per article of a MediaWiki XML dump (.bz2), as plain text: markup stripped by gensim's
+    filter_wiki, bold / italic quotes and heading marks removed; redirects and non-article pages skipped."""
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError as exc:
+        raise ValueError(f"source {source!r} is a MediaWiki dump, which needs the gensim package (pip install gensim)"
+                         ) from exc
+    docs = []
+    with bz2.open(path) as f:
+        try:
+            for title, text, _ in extract_pages(f):
+                if ":" in title or text.lstrip()[:9].upper() == "#REDIRECT":
+                    continue
+                text = re.sub(r"'{2,}", "", filter_wiki(text))
+                text = _WIKI_HEADING.sub(r"\2", text)
+                text = re.sub(r"\n{3,}", "\n\n", text).strip()
+                if text:
+                    docs.append(Document(text))
+        except (OSError, EOFError) as exc:  # not bzip2, or truncated
+            raise ValueError(f"{source!r} is not a bzip2-compressed MediaWiki XML dump: {exc}") from exc
+    return Corpus(docs, source)
+
+
+_WIKI_HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.M)
+
+
+def _load_pydoc(name: str, source: str) -> Corpus:
+    """Python's language reference as the interpreter ships it (pydoc_data.topics): one document per topic."""
+    if name != "topics":
+        raise ValueError(f"source {source!r}: the accepted pydoc source is pydoc:topics")
+    from pydoc_data.topics import topics
+
+    return Corpus([Document(topics[k].strip()) for k in sorted(topics) if topics[k].strip()], source)
+
+
+def _load_package_files(spec: str, source: str) -> Corpus:
+    """package:<import name>/<glob>: the text files an installed package ships (e.g. its documentation), one
+    document per file, in sorted order."""
+    module, _, pattern = spec.partition("/")
+    if not module or not pattern:
+        raise ValueError(f"source {source!r}: expected package:<import name>/<glob>, "
+                         "e.g. package:sklearn/datasets/descr/*.rst")
+    spec_ = importlib.util.find_spec(module)
+    if spec_ is None or not spec_.submodule_search_locations:
+        raise ValueError(f"source {source!r}: no installed package is imported as {module!r}")
+    root = Path(list(spec_.submodule_search_locations)[0])
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"source {source!r}: no file in {root} matches {pattern!r}")
+    texts = [_read_text(p).strip() for p in files]
+    return Corpus([Document(t) for t in texts if t], source)
 
 
 def _load_local(
@@ -127,8 +238,10 @@ def _load_local(
         raise ValueError(f"unknown source scheme in {source!r}; accepted: {ACCEPTED_SOURCES}")
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
+    if suffix == ".bz2" and path.is_file():
+        return _mediawiki_corpus(path, source)
     if suffix not in TEXT_SUFFIXES and suffix not in DATASET_SUFFIXES:
-        accepted = ", ".join((*TEXT_SUFFIXES, *DATASET_SUFFIXES))
+        accepted = ", ".join((*TEXT_SUFFIXES, *DATASET_SUFFIXES, ".bz2"))
         kind = suffix or "(none)"
         raise ValueError(f"unsupported file type {kind!r} for {source!r}; accepted file types: {accepted}")
     if not path.is_file():
@@ -633,6 +746,8 @@ def source_identity(source: str) -> dict:
         return {"source": source}
     st = path.stat()
     return {"source": source, "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def lm_windows(
     tokenizer: PreTrainedTokenizerBase,
     docs: Sequence[Document | str],
@@ -657,6 +772,45 @@ def lm_windows(
     if max_blocks is not None:
         n = min(n, max_blocks)
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def spread_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """`k` rows of `blocks` evenly spaced from the first to the last (all of them when k is 0 or >= their number):
+    a fixed sample that covers a whole corpus rather than its first documents."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n = blocks.shape[0]
+    if k == 0 or k >= n:
+        return blocks
+    return blocks[torch.linspace(0, n - 1, k).round().long()]
+
+
+def mix_blocks(parts: Sequence[torch.Tensor], weights: Sequence[float], seed: int, total: int = 0) -> torch.Tensor:
+    """A mixture of LM token blocks: source i gives round(share_i * total) rows, share_i = weights[i] / sum(weights).
+
+    `total` 0 means the smallest mixture that holds every block of every part at least once (a part smaller than
+    its share is repeated: whole copies, then a seeded subset of the rest); a part larger than its share gives a
+    seeded subset. Rows come out in a seeded random order."""
+    if not parts or len(parts) != len(weights):
+        raise ValueError(f"need one weight per part, got {len(parts)} parts and {len(weights)} weights")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"mixture weights must be > 0, got {list(weights)}")
+    widths = {p.shape[1] for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"every part must have the same block length, got {sorted(widths)}")
+    shares = [w / sum(weights) for w in weights]
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    if not total:
+        total = max(math.ceil(p.shape[0] / s - 1e-9) for p, s in zip(parts, shares))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for part, share in zip(parts, shares):
+        want = max(1, round(share * total))
+        copies, rest = divmod(want, part.shape[0])
+        rows += [part] * copies + [part[torch.randperm(part.shape[0], generator=g)[:rest].sort().values]]
+    mixed = torch.cat(rows)
+    return mixed[torch.randperm(mixed.shape[0], generator=g)]
 
 
 @dataclass

@@ -19,12 +19,14 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from hydra.experimental.callback import Callback
 
+from . import cache, teacher
 from . import checkpoint as ckpt
 from . import data as D
 from .accounting import flops_per_token, model_numel, param_count
@@ -329,15 +331,48 @@ def dense_reference_shape(cfg: Config):
 # ---------------------------------------------------------------------------------------------------------- data
 
 
-def documents(cfg: Config, train_fraction: float | None = None) -> tuple[list, list]:
-    """(train documents, evaluation documents), for every job alike. Without data.eval_source the evaluation
-    documents are a held-out split of data.source (data.folds / heldout_fraction, same seed); with it, all of
-    data.source trains. `train_fraction` (default data.train_fraction) subsamples the training part."""
-    with ckpt.abortable():  # reading and splitting: nothing to save yet
-        return _documents(cfg, train_fraction)
+Dense = Callable[[], tuple]  # () -> the dense (model, tokenizer): called only when teacher samples must be drawn
 
 
-def _documents(cfg: Config, train_fraction: float | None) -> tuple[list, list]:
+def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.Corpus:
+    """The documents of one configured source: read (vtrans.data), or for teacher:N sampled from the dense model
+    (`dense()`, called only when the samples are not cached yet) and cached."""
+    dc = cfg.data
+    if not teacher.is_teacher(source):
+        return D.load_documents(source, text_field=dc.text_field, label_field=dc.label_field)
+    if dense is None:
+        raise ValueError(f"{source!r}: this job has no dense model to sample teacher sequences from")
+    from .cluster import dist_env
+
+    sampling = teacher.Sampling(model=cache.model_identity(cfg.model), n=teacher.parse(source),
+                                length=dc.teacher_length or dc.seq_len, temperature=dc.teacher_temperature,
+                                seed=dc.seed, batch_size=dc.teacher_batch_size, start=dc.teacher_start)
+    return teacher.documents(source, sampling, dc.cache_dir, dense, is_main=dist_env().local_rank == 0,
+                             progress=cfg.progress and is_main_process())
+
+
+def loader(model_cfg: ModelConfig, device=None) -> Dense:
+    """A Dense callable that loads the configured model whole on first use, on `device` (jobs that do not hold the
+    dense model, or hold it partitioned over the ranks: a sharded model cannot sample on one rank)."""
+    held: list = []
+
+    def dense():
+        if not held:
+            held.append(load(model_cfg, device=device))
+        return held[0]
+    return dense
+
+
+def documents(cfg: Config, train_fraction: float | None = None, dense: Dense | None = None) -> tuple[list, list]:
+    """(train documents, evaluation documents) of data.source, for every job alike. Without data.eval_source the
+    evaluation documents are a held-out split of data.source (data.folds / heldout_fraction, same seed); with it,
+    all of data.source trains. `train_fraction` (default data.train_fraction) subsamples the training part.
+    `dense` gives the dense model when data.source is teacher:N (see source_documents)."""
+    with ckpt.abortable():  # reading, sampling and splitting: nothing to save yet
+        return _documents(cfg, train_fraction, dense)
+
+
+def _documents(cfg: Config, train_fraction: float | None, dense: Dense | None) -> tuple[list, list]:
     dc = cfg.data
     if cfg.model.task == "question_answering":  # held-out questions never share an article / passage with training
         train = qa_examples(dc.source, dc)
@@ -346,10 +381,10 @@ def _documents(cfg: Config, train_fraction: float | None) -> tuple[list, list]:
         else:
             train, held = D.split_qa_examples(train, dc.heldout_fraction, dc.seed)
     else:
-        docs = D.load_documents(dc.source, text_field=dc.text_field, label_field=dc.label_field)
+        docs = source_documents(cfg, dc.source, dense)
         if dc.eval_source:
             train = list(docs)
-            held = list(D.load_documents(dc.eval_source, text_field=dc.text_field, label_field=dc.label_field))
+            held = list(source_documents(cfg, dc.eval_source))
         else:
             train, held = D.heldout_split(docs, dc.heldout_fraction, dc.seed, dc.folds, dc.fold)
     fraction = dc.train_fraction if train_fraction is None else train_fraction
@@ -387,15 +422,18 @@ def _task_data(cfg: Config, tokenizer, docs: list, training: bool):
 
 @dataclass
 class Data:
-    """A job's tokenised training and evaluation data and how many documents they came from."""
+    """A job's tokenised training and evaluation data and how many documents they came from; `sources` describes
+    each training source (source, weight, documents, blocks it gave, sequences it has in the training data)."""
     train: object
     held: object
     train_documents: int
     held_documents: int
+    sources: list[dict] = field(default_factory=list)
 
 
-def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None) -> Data:
-    """The data stage: the documents every job uses (split before tokenising, so the parts never overlap), tokenised.
+def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None, dense: Dense | None = None) -> Data:
+    """The data stage: the documents every job uses (split before tokenising, so the parts never overlap), tokenised;
+    with data.mix, the training sequences of each source mixed by weight (see mixed_training_data).
 
     With `fast_floor` (Fast-VTrans) training takes FAST_FRACTION of the training documents unless data.train_fraction
     says otherwise, but no fewer documents than give mask.calibration_blocks sequences, the data a one-shot baseline
@@ -403,31 +441,35 @@ def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None) -
 
     Causal-LM blocks are tokenised once (data.cache): rank 0 builds them into the token cache, every rank (and every
     later job with the same data, tokenizer and split) memory-maps them; `data.streaming` reads an hf: source as a
-    stream up to data.train_tokens."""
+    stream up to data.train_tokens. `dense` gives the dense model for teacher:N sources (called only when their
+    samples are not cached, and only by the process that builds the blocks)."""
     if cfg.model.task != "causal_lm" or not cfg.data.cache:
-        return _tokenised(cfg, tokenizer, fast_floor)
-    cache = D.TokenCache(Path(cfg.data.cache_dir or D.default_cache_dir()) / "tokens")
-    key = cache.key(token_cache_fields(cfg, tokenizer, fast_floor))
-    hit = cache.load(key)
+        return _tokenised(cfg, tokenizer, fast_floor, dense)
+    blocks = D.TokenCache(Path(cfg.data.cache_dir or D.default_cache_dir()) / "tokens")
+    key = blocks.key(token_cache_fields(cfg, tokenizer, fast_floor))
+    hit = blocks.load(key)
     if hit is None:
         if procs is None or procs.is_main:
-            built = _tokenised(cfg, tokenizer, fast_floor)
-            cache.save(key, {"train": built.train, "held": built.held},
-                       {"train_documents": built.train_documents, "held_documents": built.held_documents})
-            log.info("token blocks cached in %s (%d train, %d held-out blocks)", cache.root / key,
+            built = _tokenised(cfg, tokenizer, fast_floor, dense)
+            blocks.save(key, {"train": built.train, "held": built.held},
+                        {"train_documents": built.train_documents, "held_documents": built.held_documents,
+                         "sources": built.sources})
+            log.info("token blocks cached in %s (%d train, %d held-out blocks)", blocks.root / key,
                      len(built.train), len(built.held))
         if procs is not None:
             procs.barrier()
-        hit = cache.load(key)
+        hit = blocks.load(key)
         if hit is None:
-            raise RuntimeError(f"the token cache {cache.root / key} was not written (is data.cache_dir shared by all "
+            raise RuntimeError(f"the token cache {blocks.root / key} was not written (is data.cache_dir shared by all "
                                "processes of the job?)")
     parts, meta = hit
-    return Data(parts["train"], parts["held"], meta["train_documents"], meta["held_documents"])
+    return Data(parts["train"], parts["held"], meta["train_documents"], meta["held_documents"],
+                meta.get("sources", []))
 
 
 def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
-    """Everything that decides a job's token blocks: the data settings, what the sources hold, the tokenizer."""
+    """Everything that decides a job's token blocks: the data settings, what the sources hold (teacher samples: the
+    dense model they come from), the tokenizer."""
     import hashlib
 
     data = {k: v for k, v in dataclass_values(cfg.data).items() if k not in ("cache", "cache_dir")}
@@ -437,12 +479,15 @@ def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
                           sort_keys=True)
     else:
         spec = json.dumps(sorted(tokenizer.get_vocab().items()))
+    sources = cfg.data.training_sources()
     return {"data": data, "source": D.source_identity(cfg.data.source),
             "eval_source": D.source_identity(cfg.data.eval_source), "max_examples": cfg.eval.max_examples,
+            "mix": [D.source_identity(s) for s in sources],
+            "teacher_model": cache.model_identity(cfg.model) if any(map(teacher.is_teacher, sources)) else None,
             "eval_protocol": cfg.eval.protocol,  # "published" cuts the held-out text into its own windows
             "fast_floor": [FAST_FRACTION, cfg.mask.calibration_blocks] if fast_floor else None,
             "tokenizer": [hashlib.sha256(spec.encode()).hexdigest(), tokenizer.eos_token_id, tokenizer.sep_token_id],
-            "version": 1}
+            "version": 2}
 
 
 def dataclass_values(obj) -> dict:
@@ -451,7 +496,7 @@ def dataclass_values(obj) -> dict:
     return asdict(obj)
 
 
-def _tokenised(cfg: Config, tokenizer, fast_floor: bool) -> Data:
+def _tokenised(cfg: Config, tokenizer, fast_floor: bool, dense: Dense | None = None) -> Data:
     dc = cfg.data
     if dc.streaming:  # the evaluation text is its own source; the training stream is read up to train_tokens
         limit = dc.max_train_blocks or (dc.train_tokens // dc.seq_len) or None
@@ -460,25 +505,74 @@ def _tokenised(cfg: Config, tokenizer, fast_floor: bool) -> Data:
         held_docs = list(D.load_documents(dc.eval_source, text_field=dc.text_field, label_field=dc.label_field))
         if cfg.eval.max_examples:
             held_docs = held_docs[: cfg.eval.max_examples]
-        return Data(train, task_data(cfg, tokenizer, held_docs), n_train, len(held_docs))
-    train_docs, held_docs = documents(cfg)
+        source = {"source": dc.source, "weight": 1.0, "documents": n_train, "blocks": len(train),
+                  "sequences": len(train)}
+        return Data(train, task_data(cfg, tokenizer, held_docs), n_train, len(held_docs), [source])
+    if dc.mix:
+        train_docs, held_docs = documents(cfg, train_fraction=1.0, dense=dense)
+        train, sources = mixed_training_data(cfg, tokenizer, train_docs, fast_floor, dense)
+        return Data(train, task_data(cfg, tokenizer, held_docs), sum(s["documents"] for s in sources),
+                    len(held_docs), sources)
+    train_docs, held_docs = documents(cfg, dense=dense)
     if fast_floor and cfg.data.train_fraction == 1.0:
-        measured = {}  # the subset returned is the last one measured: its tokenisation is the training data
-
-        def sequences(docs: list) -> int:
-            measured["train"] = task_data(cfg, tokenizer, docs, training=True)
-            return len(measured["train"])
-
         n_all = len(train_docs)
-        train_docs = D.subsample_at_least(train_docs, FAST_FRACTION, cfg.data.seed, cfg.mask.calibration_blocks,
-                                          size=sequences)
-        train = measured["train"]
+        train_docs, train = _fast_subset(cfg, tokenizer, train_docs, cfg.mask.calibration_blocks,
+                                         lambda docs: task_data(cfg, tokenizer, docs, training=True))
         log.info("Fast-VTrans trains on %d of %d training documents (%.1f %%, %d sequences; at least "
                  "mask.calibration_blocks=%d sequences)", len(train_docs), n_all, 100 * len(train_docs) / n_all,
                  len(train), cfg.mask.calibration_blocks)
     else:
         train = task_data(cfg, tokenizer, train_docs, training=True)
-    return Data(train, task_data(cfg, tokenizer, held_docs), len(train_docs), len(held_docs))
+    source = {"source": cfg.data.source, "weight": 1.0, "documents": len(train_docs), "blocks": len(train),
+              "sequences": len(train)}
+    return Data(train, task_data(cfg, tokenizer, held_docs), len(train_docs), len(held_docs), [source])
+
+
+def _fast_subset(cfg: Config, tokenizer, docs: list, minimum: int, tokenise) -> tuple[list, object]:
+    """Fast-VTrans's documents (FAST_FRACTION, grown to `minimum` sequences) and their tokenisation."""
+    measured = {}  # the subset returned is the last one measured: its tokenisation is the training data
+
+    def sequences(subset: list) -> int:
+        measured["train"] = tokenise(subset)
+        return len(measured["train"])
+
+    docs = D.subsample_at_least(docs, FAST_FRACTION, cfg.data.seed, minimum, size=sequences)
+    return docs, measured["train"]
+
+
+def mixed_training_data(cfg: Config, tokenizer, source_train: list, fast_floor: bool = False,
+                        dense: Dense | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """The training blocks of data.mix: each source's documents (data.source's training split; teacher:N sampled or
+    read from the cache) cut into data.seq_len blocks on their own, then mixed by weight (D.mix_blocks; at most
+    data.max_train_blocks rows when set). data.train_fraction, or Fast-VTrans's share with its floor of
+    mask.calibration_blocks sequences (split over the sources by weight), applies to every source."""
+    dc = cfg.data
+    total_weight = sum(m.weight for m in dc.mix)
+    parts, sources = [], []
+    for entry in dc.mix:
+        docs = list(source_train) if entry.source == dc.source else list(source_documents(cfg, entry.source, dense))
+        n_all = len(docs)
+
+        def tokenise(subset: list) -> torch.Tensor:
+            return D.lm_blocks(tokenizer, subset, dc.seq_len)
+
+        if fast_floor and dc.train_fraction == 1.0:
+            minimum = math.ceil(cfg.mask.calibration_blocks * entry.weight / total_weight)
+            docs, blocks = _fast_subset(cfg, tokenizer, docs, minimum, tokenise)
+        else:
+            if dc.train_fraction < 1:
+                docs = D.subsample(docs, dc.train_fraction, dc.seed)
+            blocks = tokenise(docs)
+        parts.append(blocks)
+        sources.append({"source": entry.source, "weight": entry.weight, "documents": len(docs),
+                        "documents_available": n_all, "blocks": int(blocks.shape[0])})
+    train = D.mix_blocks(parts, [m.weight for m in dc.mix], dc.seed, dc.max_train_blocks)
+    for src, entry in zip(sources, dc.mix):
+        src["sequences"] = max(1, round(entry.weight / total_weight * train.shape[0]))
+        log.info("training mixture: %s, weight %g: %d of %d documents, %d blocks, %d sequences in the mixture",
+                 src["source"], src["weight"], src["documents"], src["documents_available"], src["blocks"],
+                 src["sequences"])
+    return train, sources
 
 
 def endless(data, batch_size: int, seed: int):
@@ -717,14 +811,8 @@ def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eva
         protocol = "published" if ec.protocol == "published" else r["protocol"]  # its own windows, scored as blocks
         metrics = {"ppl": r["ppl"], "nll": r["nll"], "eval_tokens": r["tokens"], "eval_protocol": protocol,
                    "eval_window": r["window"] or dc.seq_len, "eval_stride": r["stride"] or dc.seq_len}
-        if lm_eval and ec.lm_eval_tasks and lockstep:
-            log.warning("%s: eval.lm_eval_tasks skipped: the model is sharded (ZeRO-3); run job=evaluate on it", desc)
-        elif lm_eval and ec.lm_eval_tasks:
-            zero_shot = None
-            if procs is None or procs.is_main:
-                with stop_checks(model):
-                    zero_shot = lm_eval_metrics(model, tokenizer, ec)
-            metrics.update(procs.broadcast(zero_shot) if procs is not None else zero_shot)
+        if lm_eval:
+            metrics.update(zero_shot(model, tokenizer, cfg, desc, procs, lockstep))
         return metrics
     total = math.ceil(math.ceil(len(data) / ec.batch_size) / world)
     if cfg.model.task == "sequence_classification":
@@ -734,6 +822,100 @@ def evaluate(model, tokenizer, cfg: Config, data, desc: str = "evaluate", lm_eva
             return classification_metrics(model, data, batch_size=ec.batch_size, **share)
     with progress(model, total, f"{desc} (SQuAD)", cfg.progress, size):
         return qa_metrics(model, data, ec.batch_size, ec.qa_n_best, ec.qa_max_answer_len, **share)
+
+
+def zero_shot(model, tokenizer, cfg: Config, desc: str, procs=None, lockstep: bool = False) -> dict:
+    """eval.lm_eval_tasks through lm-evaluation-harness, on rank 0 (the others wait and receive its numbers); skipped
+    with a warning for a sharded model."""
+    ec = cfg.eval
+    if not ec.lm_eval_tasks:
+        return {}
+    if lockstep:
+        log.warning("%s: eval.lm_eval_tasks skipped: the model is sharded (ZeRO-3); run job=evaluate on it", desc)
+        return {}
+    metrics = None
+    if procs is None or procs.is_main:
+        with stop_checks(model):
+            metrics = lm_eval_metrics(model, tokenizer, ec)
+    return procs.broadcast(metrics) if procs is not None else metrics
+
+
+def domain_data(cfg: Config, tokenizer) -> dict[str, torch.Tensor]:
+    """The cross-domain evaluation data (eval.domains): per domain, eval.domain_blocks data.seq_len-token blocks
+    evenly spaced over the whole source (D.spread_blocks), so the sample covers every part of it."""
+    dc = cfg.data
+    out = {}
+    if cfg.eval.domains and cfg.model.task != "causal_lm":
+        log.info("eval.domains skipped: cross-domain perplexity needs a causal LM (model.task=%s)", cfg.model.task)
+        return out
+    for name, source in cfg.eval.domains.items():
+        docs = D.load_documents(source, text_field=dc.text_field, label_field=None)
+        out[name] = D.spread_blocks(D.lm_blocks(tokenizer, docs, dc.seq_len), cfg.eval.domain_blocks)
+    return out
+
+
+PERPLEXITY_VERSION = 1  # part of the dense-perplexity cache key: bump when the perplexity computation changes
+
+
+def evaluate_dense(model, tokenizer, cfg: Config, data, desc: str = "dense", lm_eval: bool = True, procs=None,
+                   lockstep: bool = False) -> dict:
+    """evaluate() of the configured dense model (`model` must be it, masks off), its perplexity read from / written to
+    the cache (vtrans.cache, in data.cache_dir) when eval.cache_dense is on: keyed by the model's files, the exact
+    token blocks and the protocol, so every job on the same model and data evaluates the dense model once. With
+    several processes they all evaluate unless every one of them finds the entry."""
+    share = dict(procs=procs, lockstep=lockstep)
+    if not (cfg.eval.cache_dense and cfg.model.task == "causal_lm"):
+        return evaluate(model, tokenizer, cfg, data, desc, lm_eval, **share)
+    record = {"model": cache.model_identity(cfg.model), "blocks": cache.digest(data), "window": cfg.data.eval_window,
+              "stride": cfg.data.eval_stride, "version": PERPLEXITY_VERSION}
+    path = cache.entry(cfg.data.cache_dir, "perplexity", record)
+    metrics = cache.read(path, record)
+    if procs is not None and procs.any(metrics is None)[0]:
+        metrics = None
+    if metrics is None:
+        metrics = evaluate(model, tokenizer, cfg, data, desc, lm_eval=False, **share)
+        if is_main_process():
+            cache.write(path, record, metrics)
+    else:
+        log.info("%s: perplexity %.3f read from %s", desc, metrics["ppl"], path)
+    if lm_eval:
+        metrics = {**metrics, **zero_shot(model, tokenizer, cfg, desc, **share)}
+    return metrics
+
+
+def evaluate_domains(model, cfg: Config, domains: dict[str, torch.Tensor], suffix: str, dense: bool = False,
+                     procs=None, lockstep: bool = False) -> dict:
+    """ppl_<name>_<suffix> and nll_<name>_<suffix> of `model` on each cross-domain evaluation set (`dense`: the model
+    is the configured dense one, see evaluate_dense); split over the ranks like evaluate."""
+    metrics = {}
+    for name, blocks in domains.items():
+        run = evaluate_dense if dense else evaluate
+        r = run(model, None, cfg, blocks, f"{suffix} {name}", lm_eval=False, procs=procs, lockstep=lockstep)
+        metrics[f"ppl_{name}_{suffix}"], metrics[f"nll_{name}_{suffix}"] = r["ppl"], r["nll"]
+        metrics[f"eval_tokens_{name}"] = r["eval_tokens"]
+    return metrics
+
+
+def ratio_metrics(metrics: dict, domains, new: str, ref: str, suffix: str = "") -> dict:
+    """Perplexity ratios of model `new` to model `ref` (metric suffixes, e.g. pruned / dense): ppl_ratio_<domain>
+    per cross-domain set, ppl_ratio_calibration_domain (the held-out split of data.source, key ppl_<new>) and
+    ppl_ratio_cross_domain, the geometric mean of the per-domain ratios. `suffix` is appended to every key."""
+    out = {}
+    if f"ppl_{new}" in metrics and f"ppl_{ref}" in metrics:
+        out[f"ppl_ratio_calibration_domain{suffix}"] = metrics[f"ppl_{new}"] / metrics[f"ppl_{ref}"]
+    ratios = [metrics[f"ppl_{d}_{new}"] / metrics[f"ppl_{d}_{ref}"] for d in domains]
+    for d, r in zip(domains, ratios):
+        out[f"ppl_ratio_{d}{suffix}"] = r
+    if ratios:
+        out[f"ppl_ratio_cross_domain{suffix}"] = geometric_mean(ratios)
+    return out
+
+
+def geometric_mean(values) -> float:
+    values = list(values)
+    if any(v <= 0 for v in values):
+        raise ValueError(f"a geometric mean needs positive values, got {values}")
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def size_metrics(model, seq_len: int, prefix: str = "") -> dict:

@@ -24,8 +24,10 @@ def run(cfg: Config, out: Path) -> dict:
     procs = P.setup(cfg)
     model, tokenizer = P.load(P.dir_model_config(cfg, cfg.model_dir) if cfg.model_dir else cfg.model,
                               device=procs.device)
-    _, held = P.documents(cfg)
+    dense = P.loader(cfg.model, device=procs.device) if cfg.model_dir else (lambda: (model, tokenizer))
+    _, held = P.documents(cfg, dense=dense)
     data = P.task_data(cfg, tokenizer, held)
+    domains = P.domain_data(cfg, tokenizer)
     check_stop()
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="evaluate")
     metrics = {"model": cfg.model_dir or (cfg.model.name_or_path or f"{cfg.model.package}/{cfg.model.subdir}"),
@@ -39,6 +41,8 @@ def run(cfg: Config, out: Path) -> dict:
         metrics["flops_ratio"] = metrics["flops"] / metrics["flops_dense"]
     t_eval = time.perf_counter()
     metrics.update(P.evaluate(model, tokenizer, cfg, data, procs=procs))
+    for k, v in P.evaluate_domains(model, cfg, domains, "model", procs=procs).items():  # ppl_<domain> (no suffix)
+        metrics[k.removesuffix("_model")] = v
     metrics["eval_time_s"] = time.perf_counter() - t_eval
     rows = P.structure_rows(model, dense)
     if procs.is_main:

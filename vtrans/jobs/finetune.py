@@ -31,7 +31,12 @@ def run(cfg: Config, out: Path) -> dict:
     teacher = P.load(cfg.model, device=procs.device, sharded=sharded)[0] if dc.logit_weight > 0 else None
     if dc.layer_weight > 0:
         log.warning("distill.layer_weight=%s is used while pruning only; finetune distils logits", dc.layer_weight)
-    data = P.prepare_data(cfg, tokenizer, procs=procs)
+    # the dense model: the source of teacher:N samples and the reference of the perplexity ratios (a whole copy when
+    # the teacher is partitioned: it cannot sample on one rank)
+    dense_model = (lambda: (teacher, tokenizer)) if teacher is not None and not sharded else \
+        P.loader(cfg.model, device=procs.device)
+    data = P.prepare_data(cfg, tokenizer, procs=procs, dense=dense_model)
+    domains = P.domain_data(cfg, tokenizer)
     logger = RunLogger(cfg.logger, asdict(cfg), str(out), job_type="finetune")
 
     seq = cfg.budget.flops_seq_len
@@ -53,6 +58,13 @@ def run(cfg: Config, out: Path) -> dict:
     before = P.evaluate(student, tokenizer, cfg, data.held, "before finetune", procs=procs, lockstep=bool(sharded))
     for k, v in before.items():
         metrics[f"{k}_before" if not k.startswith("eval_") else k] = v
+    metrics.update(P.evaluate_domains(student, cfg, domains, "before", procs=procs, lockstep=bool(sharded)))
+    if cfg.model.task == "causal_lm" and (teacher is not None or domains):  # the dense reference of the ratios
+        reference, ref_lockstep = (teacher, bool(sharded)) if teacher is not None else (dense_model()[0], False)
+        share = dict(procs=procs, lockstep=ref_lockstep)
+        metrics["ppl_dense"] = P.evaluate_dense(reference, tokenizer, cfg, data.held, "dense", lm_eval=False,
+                                                **share)["ppl"]
+        metrics.update(P.evaluate_domains(reference, cfg, domains, "dense", dense=True, **share))
     check_stop()
     train = data.train.tensors() if hasattr(data.train, "tensors") else data.train  # dicts of tensors (QA too)
     checkpointer = Checkpointer.from_config(cfg.checkpoint, out, training_fingerprint(cfg))
@@ -81,6 +93,12 @@ def run(cfg: Config, out: Path) -> dict:
     for k, v in P.evaluate(student, tokenizer, cfg, data.held, "after finetune", procs=procs).items():
         if not k.startswith("eval_"):
             metrics[f"{k}_after"] = v
+    metrics.update(P.evaluate_domains(student, cfg, domains, "after", procs=procs))
+    if "ppl_dense" in metrics:
+        metrics.update(P.ratio_metrics(metrics, list(domains), "after", "dense"))
+        metrics.update(P.ratio_metrics(metrics, list(domains), "before", "dense", suffix="_before"))
+        metrics["eval_domains"] = dict(cfg.eval.domains)
+    metrics["train_sources"] = data.sources
 
     rows = P.structure_rows(student, dense)
     logger.structure(rows, "structure of the fine-tuned model")

@@ -236,7 +236,7 @@ def run(cfg: Config, out: Path) -> dict:
         kept = kept_heads_from_weights(dense, pruned)
         source = cfg.model_dir
         del pruned
-    _, held = P.documents(cfg)
+    _, held = P.documents(cfg, dense=lambda: (dense, tokenizer))
     held = held[: cfg.probe.max_examples]
     check_stop()
     if cfg.model.task == "question_answering":

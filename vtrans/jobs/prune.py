@@ -39,7 +39,10 @@ def run(cfg: Config, out: Path) -> dict:
     # load: the family and its conflicts are checked from the config alone, before any weights or data are read
     model, tokenizer = P.load(cfg.model, config=P.read_config(cfg), device=procs.device, sharded=sharded)
     model_room = P.model_bytes(model)  # the dense size bounds the pruned model's (the end checkpoint leaves room)
-    data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast", procs=procs)
+    # teacher:N samples come from the dense model; a partitioned one cannot sample on one rank: a whole copy does
+    dense_model = P.loader(cfg.model, device=procs.device) if sharded else (lambda: (model, tokenizer))
+    data = P.prepare_data(cfg, tokenizer, fast_floor=mask.variant == "fast", procs=procs, dense=dense_model)
+    domains = P.domain_data(cfg, tokenizer)
     teacher = P.frozen_teacher(cfg, model, sharded)
     mm = P.attach(cfg, model)
     budget = P.budget_of(cfg)
@@ -65,8 +68,9 @@ def run(cfg: Config, out: Path) -> dict:
     hooks = sharded.forward_hooks(model) if sharded and engine is None else None  # a sharded baseline's forwards
 
     with mm.disabled():
-        dense_eval = P.evaluate(model, tokenizer, cfg, data.held, "dense", procs=procs, lockstep=lockstep)
-    log.info("dense: %s", _fmt(dense_eval))
+        dense_eval = P.evaluate_dense(model, tokenizer, cfg, data.held, "dense", procs=procs, lockstep=lockstep)
+        dense_domains = P.evaluate_domains(model, cfg, domains, "dense", dense=True, procs=procs, lockstep=lockstep)
+    log.info("dense: %s", _fmt({**dense_eval, **dense_domains}))
     check_stop()
 
     if mask.method == "vib":
@@ -108,9 +112,15 @@ def run(cfg: Config, out: Path) -> dict:
     pruned.to(procs.device)
     check_stop()
     pruned_eval = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned", procs=procs)
-    log.info("pruned: %s", _fmt(pruned_eval))
+    pruned_domains = P.evaluate_domains(pruned, cfg, domains, "pruned", procs=procs)
+    log.info("pruned: %s", _fmt({**pruned_eval, **pruned_domains}))
 
     metrics = _metrics(cfg, dense, model, pruned, decision, data, history, train_time, dense_eval, pruned_eval)
+    metrics.update(dense_domains)
+    metrics.update(pruned_domains)
+    if cfg.model.task == "causal_lm":
+        metrics.update(P.ratio_metrics(metrics, list(domains), "pruned", "dense"))
+        metrics["eval_domains"] = dict(cfg.eval.domains)
     metrics["model_dir"] = str(model_dir)
     metrics["wall_time_s"] = time.perf_counter() - t_start
     P.report(cfg, out, metrics, logger, {"model": model_dir, "decision": model_dir / DECISION_FILE})
@@ -142,6 +152,7 @@ def _metrics(cfg: Config, dense, model, pruned, decision, data, history, train_t
         "threshold_params_ratio": decision.fit["threshold_size"] / decision.fit["dense_size"],
         "shape_pruned": pruned_shape.summary(),
         "train_documents": data.train_documents,
+        "train_sources": data.sources,
         "heldout_documents": data.held_documents,
         "train_steps": optim.steps,
         "train_tokens": optim.steps * optim.grad_accum * optim.batch_size * cfg.data.seq_len,
@@ -166,6 +177,8 @@ def _print_summary(m: dict) -> None:
             (f"GFLOPs/token @ {m['flops_seq_len']}", f"{m['flops_dense'] / 1e9:.3f}", f"{m['flops_pruned'] / 1e9:.3f}")]
     if "ppl_dense" in m:
         rows.append(("held-out perplexity", f"{m['ppl_dense']:.3f}", f"{m['ppl_pruned']:.3f}"))
+        for d in m.get("eval_domains", {}):
+            rows.append((f"  {d} perplexity", f"{m[f'ppl_{d}_dense']:.3f}", f"{m[f'ppl_{d}_pruned']:.3f}"))
     if "accuracy_dense" in m:
         rows.append(("held-out accuracy", f"{m['accuracy_dense']:.4f}", f"{m['accuracy_pruned']:.4f}"))
     if "pearson_dense" in m:
@@ -178,5 +191,10 @@ def _print_summary(m: dict) -> None:
              f"wall time {m['wall_time_s']:.0f} s (compression {m['train_time_s']:.0f} s)",
              f"{'':24s}{'dense':>16s}{'pruned':>16s}"]
     lines += [f"{a:24s}{b:>16s}{c:>16s}" for a, b, c in rows]
+    if "ppl_ratio_calibration_domain" in m:
+        lines.append(f"{'ppl ratio, calibration domain (held-out)':48s}{m['ppl_ratio_calibration_domain']:>8.3f}")
+    if "ppl_ratio_cross_domain" in m:
+        n = len(m.get("eval_domains", {}))
+        lines.append(f"{f'ppl ratio, cross-domain (geo-mean of {n})':48s}{m['ppl_ratio_cross_domain']:>8.3f}")
     lines.append(f"pruned model: {m['model_dir']}")
     print("\n".join(lines), flush=True)
