@@ -383,3 +383,31 @@ def test_evaluate_reports_each_domain(assets, tmp_path):
     m = run(compose_cfg(lm(assets, tmp_path, "job=evaluate", "+eval.domains.python=pydoc:topics",
                            "eval.domain_blocks=2")))
     assert m["ppl_python"] > 1 and m["eval_tokens_python"] == 2 * 31
+
+
+def test_a_stop_while_teacher_samples_are_drawn_ends_the_job_at_once(assets, tmp_path, monkeypatch):
+    """SIGTERM while sampling (minutes for a real model): the job ends with 143 at once, nothing is cached."""
+    import os
+    import signal
+    import time
+
+    from vtrans import checkpoint as ckpt
+
+    def sample(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("the stop did not interrupt teacher sampling")
+
+    monkeypatch.setattr(teacher, "sample", sample)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    mix = f"data.mix=[{{source:'{assets / 'lee.txt'}',weight:1}},{{source:'teacher:6',weight:1}}]"
+    try:
+        ckpt.install_signal_handlers()
+        with pytest.raises(ckpt.Stopped) as stopped:
+            run(compose_cfg(lm(assets, tmp_path / "out", mix, f"data.cache_dir={tmp_path / 'cache'}")))
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        ckpt.clear_requests()
+    assert stopped.value.code == 143
+    assert not list((tmp_path / "cache").glob("teacher/*.json"))

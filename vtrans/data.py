@@ -732,6 +732,7 @@ def source_identity(source: str) -> dict:
     if not source:
         return {}
     if source.startswith("gensim:"):
+        logging.getLogger("gensim").setLevel(logging.WARNING)  # its test utilities log a dictionary build at import
         try:
             from gensim.test.utils import datapath
 

@@ -339,7 +339,8 @@ def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.
     (`dense()`, called only when the samples are not cached yet) and cached."""
     dc = cfg.data
     if not teacher.is_teacher(source):
-        return D.load_documents(source, text_field=dc.text_field, label_field=dc.label_field)
+        with ckpt.abortable():  # reading: nothing to save
+            return D.load_documents(source, text_field=dc.text_field, label_field=dc.label_field)
     if dense is None:
         raise ValueError(f"{source!r}: this job has no dense model to sample teacher sequences from")
     from .cluster import dist_env
@@ -347,8 +348,9 @@ def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.
     sampling = teacher.Sampling(model=cache.model_identity(cfg.model), n=teacher.parse(source),
                                 length=dc.teacher_length or dc.seq_len, temperature=dc.teacher_temperature,
                                 seed=dc.seed, batch_size=dc.teacher_batch_size, start=dc.teacher_start)
-    return teacher.documents(source, sampling, dc.cache_dir, dense, is_main=dist_env().local_rank == 0,
-                             progress=cfg.progress and is_main_process())
+    with ckpt.abortable():  # sampling: a stop ends the job at once (the samples are cached only when complete)
+        return teacher.documents(source, sampling, dc.cache_dir, dense, is_main=dist_env().local_rank == 0,
+                                 progress=cfg.progress and is_main_process())
 
 
 def loader(model_cfg: ModelConfig, device=None) -> Dense:
