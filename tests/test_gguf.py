@@ -305,11 +305,12 @@ def test_llama_cpp_tokenizes_text_as_transformers_does(pre, tmp_path):
 
 @pytest.fixture(scope="module")
 def pruned_smollm2(tmp_path_factory):
-    """The default job (Faster-VTrans on the real SmolLM2-135M), shortened: a real non-uniform pruned model."""
+    """The default job (Faster-VTrans on the real SmolLM2-135M), shortened and on the Lee text alone (no teacher
+    samples to draw): a real non-uniform pruned model."""
     out = tmp_path_factory.mktemp("smollm2")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, str(ROOT / "launch.py"), "optim.steps=4", "data.seq_len=64",
+    r = subprocess.run([sys.executable, str(ROOT / "launch.py"), "data=lee", "optim.steps=4", "data.seq_len=64",
                         "data.max_eval_blocks=8", "progress=false", f"output_dir={out}", f"hydra.run.dir={out}/h"],
                        env=env, capture_output=True, text=True, timeout=1200, cwd=out)
     assert r.returncode == 0, r.stderr[-4000:]
