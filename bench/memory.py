@@ -218,24 +218,21 @@ def memory_model(params: float, layers: int, hidden: int, world: int, stage: int
 
 
 def model_table() -> str:
-    """Per-rank GPU GiB for 7B / 13B / 70B (LLaMA-2 shapes, bf16), each variant, ZeRO-2 / 3, 8 / 32 / 64 GPUs; for the
-    trained variants also GPU + host GiB with the optimizer offloaded to the host."""
+    """Per-rank GPU GiB for 7B / 13B / 70B (LLaMA-2 shapes, bf16) on 8 / 32 / 64 GPUs, ZeRO-2 / ZeRO-3, each variant;
+    for the trained variants also ZeRO-3 with the optimizer offloaded: GPU + host GiB."""
     models = {"7B": (6.74e9, 32, 4096), "13B": (13.0e9, 40, 5120), "70B": (69.0e9, 80, 8192)}
     worlds = (8, 32, 64)
-    rows = ["| model | variant | ZeRO | " + " | ".join(f"{w} GPUs" for w in worlds) + " |",
-            "| --- | --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
+    gib = lambda b: f"{b / 2 ** 30:.1f}"  # noqa: E731
+    rows = ["| model | variant | " + " | ".join(f"{w} GPUs" for w in worlds) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in worlds) + " |"]
     for name, (params, layers, hidden) in models.items():
-        for variant in ("faster", "vtrans"):
-            for stage in (2, 3):
-                cells = []
-                for world in worlds:
-                    m = memory_model(params, layers, hidden, world, stage, variant)
-                    cell = f"{m['gpu'] / 2 ** 30:.1f}"
-                    if variant != "faster":
-                        off = memory_model(params, layers, hidden, world, stage, variant, offload=True)
-                        cell += f" ({off['gpu'] / 2 ** 30:.1f} + {off['host'] / 2 ** 30:.1f} host)"
-                    cells.append(cell)
-                rows.append(f"| {name} | {variant} | {stage} | " + " | ".join(cells) + " |")
+        for variant, label in (("faster", "Faster, ZeRO-2 / 3"), ("vtrans", "VTrans, ZeRO-2 / 3")):
+            cells = [f"{gib(memory_model(params, layers, hidden, w, 2, variant)['gpu'])} / "
+                     f"{gib(memory_model(params, layers, hidden, w, 3, variant)['gpu'])}" for w in worlds]
+            rows.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+        offload = [memory_model(params, layers, hidden, w, 3, "vtrans", offload=True) for w in worlds]
+        rows.append(f"| {name} | VTrans, ZeRO-3 + offload | "
+                    + " | ".join(f"{gib(m['gpu'])} + {gib(m['host'])} host" for m in offload) + " |")
     return "\n".join(rows)
 
 

@@ -134,7 +134,7 @@ def main() -> None:
         _write(rows, out, args, {})
         print((out / f"quality_{args.tag}.md").read_text())
         return
-    rows = []
+    rows, protocol = [], {}  # protocol: the last job that reports the evaluation protocol (external rows do not)
     for keep in (float(b) for b in args.budgets.split(",")):
         for method in args.methods.split(","):
             t = time.perf_counter()
@@ -154,7 +154,8 @@ def main() -> None:
                 rows.append(row(keep, "recovery", r, m["train_time_s"] + f["train_time_s"],
                                 rows[-1]["job_wall_s"] + time.perf_counter() - t, new="after"))
                 print(json.dumps(rows[-1]), flush=True)
-            _write(rows, out, args, m)
+            protocol = m if "eval_tokens" in m else protocol
+            _write(rows, out, args, protocol)
     print((out / f"quality_{args.tag}.md").read_text())
 
 

@@ -43,4 +43,5 @@ def test_the_memory_model_counts_zero3_shards(memory):
     # 7B Faster-VTrans on 8 GPUs under ZeRO-3: the bf16 weights' eighth plus one gathered layer, about 2 GiB
     assert 1.5 < one["gpu"] / 2 ** 30 < 2.5
     table = memory.model_table()
-    assert "| 70B | vtrans | 3 | " in table and "| 7B | faster | 2 | 12.6 | 12.6 | 12.6 |" in table
+    assert "| 7B | Faster, ZeRO-2 / 3 | 12.6 / 2.4 | 12.6 / 1.2 | 12.6 / 1.0 |" in table
+    assert "| 70B | VTrans, ZeRO-3 + offload |" in table
