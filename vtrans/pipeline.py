@@ -450,8 +450,10 @@ def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None, d
     blocks = D.TokenCache(Path(cfg.data.cache_dir or D.default_cache_dir()) / "tokens")
     key = blocks.key(token_cache_fields(cfg, tokenizer, fast_floor))
     hit = blocks.load(key)
-    if hit is None:
-        if procs is None or procs.is_main:
+    # every rank takes the same branch: a rank that finds the entry rank 0 has just written must still meet its barrier
+    missing = procs.any(hit is None)[0] if procs is not None else hit is None
+    if missing:
+        if (procs is None or procs.is_main) and hit is None:
             built = _tokenised(cfg, tokenizer, fast_floor, dense)
             blocks.save(key, {"train": built.train, "held": built.held},
                         {"train_documents": built.train_documents, "held_documents": built.held_documents,
