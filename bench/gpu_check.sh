@@ -41,6 +41,12 @@ if [ -f .gpu/parts/part-aa ]; then  # the SmolLM2 GGUF, carried in parts
 fi
 DATA_ARGS=()
 [ -f .gpu/lee_background.txt ] && DATA_ARGS=(data.source=$PWD/.gpu/lee_background.txt)
+# the default job's cross-domain sets come from gensim, Python's docs and scikit-learn: without those packages the
+# job evaluates the held-out split only (said in the report's log)
+if ! "$PY" -c 'import gensim, sklearn' 2>/dev/null; then
+    DATA_ARGS+=(eval=none)
+    echo "gensim / scikit-learn missing: the default job runs with eval=none (no cross-domain sets)"
+fi
 "$PY" - <<'EOF' > "$RAW/gpu_env.txt" 2>&1
 import torch, transformers
 print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0),
