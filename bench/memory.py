@@ -30,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from vtrans.hostmem import rss_bytes  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # random LLaMA shapes (GQA like the family), fp32 on the CPU
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
                num_key_value_heads=4, vocab_size=32000),
+    "300m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=32000),  # VTrans in one process (weights, teacher, Adam) fits here
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=32000),
 }
@@ -44,9 +48,6 @@ MB = 2 ** 20
 # ---------------------------------------------------------------------------------------------------------- measuring
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakRSS:
@@ -95,9 +96,13 @@ def save_random_model(shape: str, root: Path) -> Path:
     return path
 
 
-def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128, live: int | None = None) -> dict:
-    """One Faster-VTrans step, release, a 50 % decision, materialise and save, each stage's peak RSS recorded.
-    `live`: deepspeed.max_live_parameters and max_reuse_distance (default: vtrans's, DeepSpeed's 1e9)."""
+def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128, live: int | None = None,
+            checkpointing: bool = False, prefetch: int | None = None, variant: str = "faster",
+            sub_group: int | None = None) -> dict:
+    """One Faster-VTrans step (`variant="vtrans"`: VTrans, weights trained with AdamW against a separate frozen
+    teacher, loaded like the student), release, a 50 % decision, materialise and save, each stage's peak RSS.
+    `live`: deepspeed.max_live_parameters and max_reuse_distance (default: vtrans's, DeepSpeed's 1e9).
+    `checkpointing`: optim.gradient_checkpointing, as the LLaMA-2-7B experiments set it."""
     from vtrans.config import Config
     from vtrans.engine import Processes, ShardedBuild, make_engine, processes
     from vtrans.masks.decide import Budget, decide
@@ -105,6 +110,7 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     from vtrans.masks.materialize import materialize
     from vtrans.models import save_pruned
     from vtrans.models.load import load_model
+    from vtrans.pipeline import frozen_teacher, prepare_training
     from vtrans.pruning import PruningModule
 
     torch.set_num_threads(1)
@@ -113,24 +119,36 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     cfg.deepspeed.enabled, cfg.deepspeed.stage = zero3, 3 if zero3 else 0
     if live is not None:
         cfg.deepspeed.max_live_parameters = cfg.deepspeed.max_reuse_distance = live
+    if prefetch is not None:
+        cfg.deepspeed.prefetch_bucket_size = prefetch
+    if sub_group is not None:
+        cfg.deepspeed.sub_group_size = sub_group
     cfg.optim.batch_size = 2
+    cfg.optim.gradient_checkpointing = checkpointing
+    cfg.mask.variant = variant
     procs = processes("cpu") if zero3 else Processes(torch.device("cpu"))
     peak = PeakRSS()
     baseline = rss_bytes()
     peak.stage("load")
-    model, _ = load_model(cfg.model, sharded=ShardedBuild(cfg, procs) if zero3 else None)
+    sharded = ShardedBuild(cfg, procs) if zero3 else None
+    model, _ = load_model(cfg.model, sharded=sharded)
+    teacher = frozen_teacher(cfg, model, sharded)  # VTrans: a second copy (sharded like the student)
     dense_layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) if not zero3 else \
         sum(p.ds_numel * 4 for p in model.model.layers[0].parameters())
     mm = attach_masks(model)
+    prepare_training(cfg, model)
     module = PruningModule(mm, Budget("params_ratio", 0.5), beta=1e-6, kl_weights={}, task_weight=1.0,
                            logit_weight=1.0, temperature=2.0, layer_weight=0.0, layer_every=1, warmup_steps=1,
-                           train_weights=False)
-    engine = make_engine(module, module.param_groups(0.05, 0.0, 0.1, 0.0), cfg, procs)
+                           train_weights=variant != "faster", teacher=teacher)
+    teacher = None  # the module holds it (as in the prune job)
+    engine = make_engine(module, module.param_groups(0.05, 1e-5 if variant != "faster" else 0.0, 0.1, 0.0), cfg,
+                         procs)
     peak.stage("train_step")
     ids = torch.randint(3, 30000, (cfg.optim.batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     engine.train_step([{"input_ids": ids}], step=0)
     peak.stage("release")
-    engine.release()
+    engine.release()  # the optimizer state (moments; VTrans: gradients) and the teacher are freed here
+    module = None
     decision = decide(mm, Budget("params_ratio", 0.5))
     peak.stage("materialise")
     # as the prune job does: the dense model is not used again, so each ZeRO-3 partition goes once rank 0 has it
@@ -141,19 +159,20 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     procs.barrier()
     peak.close()
     pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters()) if pruned is not None else 0
-    return {"rank": rank, "zero3": zero3, "baseline": baseline, "peaks": peak.peaks, "starts": peak.starts,
+    return {"rank": rank, "zero3": zero3, "variant": variant, "baseline": baseline, "peaks": peak.peaks, "starts": peak.starts,
             "pruned_bytes": pruned_bytes, "dense_layer_bytes": dense_layer_bytes,
             "params": int(sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()))}
 
 
-def _entry(rank: int, world: int, port: int, model_dir: str, out: str, results: str, live: int | None) -> None:
+def _entry(rank: int, world: int, port: int, model_dir: str, out: str, results: str, options: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    result = measure(rank, model_dir, True, out, live=live)
+    result = measure(rank, model_dir, True, out, **options)
     Path(results, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_zero3(model_dir: Path, out: Path, world: int = 2, live: int | None = None) -> list[dict]:
+def run_zero3(model_dir: Path, out: Path, world: int = 2, **options) -> list[dict]:
+    """`measure` on `world` ranks under ZeRO-3; `options` are measure's keywords."""
     import socket
 
     with socket.socket() as s:
@@ -161,18 +180,18 @@ def run_zero3(model_dir: Path, out: Path, world: int = 2, live: int | None = Non
         port = s.getsockname()[1]
     results = out / "ranks"
     results.mkdir(parents=True, exist_ok=True)
-    torch.multiprocessing.start_processes(_entry, args=(world, port, str(model_dir), str(out), str(results), live),
+    torch.multiprocessing.start_processes(_entry, args=(world, port, str(model_dir), str(out), str(results), options),
                                           nprocs=world, start_method="spawn")
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def run_single(model_dir: Path, out: Path) -> dict:
-    """In a fresh process, so that earlier allocations do not count."""
+def run_single(model_dir: Path, out: Path, **options) -> dict:
+    """`measure` in one fresh process (so that earlier allocations do not count); `options` as for run_zero3."""
     import subprocess
 
     code = ("import json, sys; sys.path.insert(0, %r); from bench.memory import measure; "
-            "print('RESULT', json.dumps(measure(0, %r, False, %r)))") % (str(Path(__file__).resolve().parents[1]),
-                                                                         str(model_dir), str(out))
+            "print('RESULT', json.dumps(measure(0, %r, False, %r, **json.loads(%r))))") % (
+                str(Path(__file__).resolve().parents[1]), str(model_dir), str(out), json.dumps(options))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
@@ -245,8 +264,10 @@ def table(single: dict, ranks: list[dict], c: dict) -> str:
     for stage in STAGES:
         lines.append(f"| {stage} | {single['peaks'][stage] / MB:,.0f} | "
                      + " | ".join(f"{r['peaks'][stage] / MB:,.0f}" for r in ranks) + " |")
+    lines.append("| after release (materialise starts) | " + " | ".join(f"{r['starts']['materialise'] / MB:,.0f}"
+                                                                   for r in [single] + ranks) + " |")
     lines.append("")
-    lines.append(f"Model: {single['params'] / 1e6:,.0f}M parameters, fp32; peak per rank under ZeRO-3 / one process: "
+    lines.append(f"Model: {single['params'] / 1e6:,.0f}M parameters, fp32, {single.get('variant', 'faster')}; peak per rank under ZeRO-3 / one process: "
                  + ", ".join(f"{x:.2f}" for x in c["rss_ratio"]) + " (target <= 0.60).")
     for name in ["single"] + [f"zero3_rank{r['rank']}" for r in ranks]:
         lines.append(f"Materialise ({name}): +{c[f'materialise_rise_{name}'] / MB:,.0f} MiB over its start; bound "
@@ -267,6 +288,15 @@ def main(argv=None) -> dict:
     p.add_argument("--model-table", action="store_true", help="print the memory model's table and exit")
     p.add_argument("--live", type=float, default=None,
                    help="ZeRO-3 runs with deepspeed.max_live_parameters = max_reuse_distance = this (default 1e9)")
+    p.add_argument("--prefetch", type=float, default=None,
+                   help="ZeRO-3 runs with deepspeed.prefetch_bucket_size = this (default 5e7)")
+    p.add_argument("--sub-group", type=float, default=None,
+                   help="ZeRO-3 runs with deepspeed.sub_group_size = this (default 1e8)")
+    p.add_argument("--variant", choices=("faster", "vtrans"), default="faster",
+                   help="vtrans: weights trained (AdamW) against a separate frozen teacher (use --shape 300m: one "
+                        "process then holds the model, the teacher, the gradients and the moments)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="both modes with optim.gradient_checkpointing=true, as the LLaMA-2-7B experiments run")
     args = p.parse_args(argv)
     if args.model_table:
         text = model_table()
@@ -274,13 +304,16 @@ def main(argv=None) -> dict:
         return {"table": text}
     work = args.work or Path(tempfile.mkdtemp(prefix="vtrans-memory-"))
     model_dir = save_random_model(args.shape, work)
-    single = run_single(model_dir, work / "single")
     live = None if args.live is None else int(args.live)
-    ranks = run_zero3(model_dir, work / "zero3", args.ranks, live)
+    prefetch = None if args.prefetch is None else int(args.prefetch)
+    single = run_single(model_dir, work / "single", checkpointing=args.checkpointing, variant=args.variant)
+    sub_group = None if args.sub_group is None else int(args.sub_group)
+    ranks = run_zero3(model_dir, work / "zero3", args.ranks, live=live, prefetch=prefetch, sub_group=sub_group,
+                      checkpointing=args.checkpointing, variant=args.variant)
     c = checks(single, ranks)
     shape = SHAPES[args.shape]
     c["model_train_step"] = memory_model(single["params"], shape["num_hidden_layers"], shape["hidden_size"],
-                                         len(ranks), 3, "faster", bytes_per_weight=4)["gpu"]
+                                         len(ranks), 3, args.variant, bytes_per_weight=4)["gpu"]
     c["measured_train_step"] = [r["peaks"]["train_step"] - r["baseline"] for r in ranks]
     text = table(single, ranks, c)
     print(text)
@@ -288,7 +321,11 @@ def main(argv=None) -> dict:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"memory_cpu_{tag}.json").write_text(json.dumps({"single": single, "zero3": ranks, "checks": c},
                                                                indent=2))
-    command = f"python bench/memory.py --shape {args.shape}" + (f" --live {args.live:g}" if live is not None else "")
+    command = (f"python bench/memory.py --shape {args.shape}" + (f" --live {args.live:g}" if live is not None else "")
+               + (f" --prefetch {args.prefetch:g}" if prefetch is not None else "")
+               + (f" --sub-group {args.sub_group:g}" if sub_group is not None else "")
+               + (" --checkpointing" if args.checkpointing else "")
+               + (f" --variant {args.variant}" if args.variant != "faster" else ""))
     (RESULTS / f"memory_cpu_{tag}.md").write_text(f"# Peak host memory per stage ({args.shape} LLaMA shape, CPU)\n\n"
                                                  f"Command: `{command}`\n\n{text}\n")
     return {"single": single, "zero3": ranks, "checks": c, "table": text}

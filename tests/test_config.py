@@ -74,6 +74,8 @@ def test_wrong_type_fails_naming_the_key():
     ("data.folds=5 data.eval_source=dev.csv", r"data.folds=5 splits data.source into folds, but data.eval_source"),
     ("data=lee data.folds=5 model.task=question_answering data.source=squad.json",
      r"data.folds=5 is not supported for model.task=question_answering"),
+    ("deepspeed.sub_group_size=0", r"deepspeed.sub_group_size=0 must be >= 1"),
+    ("deepspeed.reduce_bucket_size=-1", r"deepspeed.reduce_bucket_size=-1 must be >= 0"),
 ])
 def test_bad_values_fail_at_validation(override, match):
     cfg = _compose(override.split())

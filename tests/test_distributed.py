@@ -154,6 +154,40 @@ def test_make_engine_follows_the_config(monkeypatch):
         make_engine(module, build()[2], cfg, two)
 
 
+def test_zero_buckets_follow_the_model_width():
+    """deepspeed.reduce_bucket_size=0 (the default) is the model's hidden_size^2, as transformers' DeepSpeed
+    integration fills "auto" (DeepSpeed's own 5e8 is a 1.9 GB fp32 bucket on every rank whatever the model); ZeRO-3
+    gets vtrans's sub-group size (the optimizer's temporaries are one sub-group's size)."""
+    from vtrans.config import DeepSpeedConfig
+    from vtrans.engine import auto_bucket_size
+
+    mm, module, _ = build()
+    hidden = mm.model.config.hidden_size
+    assert auto_bucket_size(module) == hidden * hidden
+    assert auto_bucket_size(torch.nn.Linear(2, 2)) == 500_000_000  # no transformers model inside: DeepSpeed's
+    settings = DeepSpeedConfig(stage=3).zero3_settings()
+    assert settings["sub_group_size"] == 100_000_000 and settings["stage3_max_live_parameters"] == 1_000_000_000
+
+
+def test_release_frees_the_teacher_and_the_optimizer_state_on_one_process():
+    """The single-process engine's release (the prune job, before materialising): the separate teacher's tensors
+    and the optimizer's moments are freed, the student's weights and masks are kept, and training again is refused."""
+    mm, module, groups = build(teacher=True)
+    engine = Engine(module, groups, grad_accum=GRAD_ACCUM, seed=0)
+    train(engine, steps=1)
+    teacher = module._teacher[0]
+    weights = {n: p.detach().clone() for n, p in mm.model.named_parameters()}
+    assert engine.optimizer.state and sum(p.numel() for p in teacher.parameters()) > 0
+    engine.release()
+    assert not engine.optimizer.state and module._teacher[0] is None
+    assert sum(p.numel() for p in teacher.parameters()) == 0  # emptied, even where a caller still holds it
+    for n, p in mm.model.named_parameters():
+        assert torch.equal(p.detach(), weights[n]), n
+    materialize(mm, decide(mm, Budget("params_ratio", 0.6)))  # what comes next still works
+    with pytest.raises(RuntimeError, match="released after training"):
+        train(engine, steps=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # two ranks: every scenario in one spawn (a process start costs more than the training)
 
@@ -186,14 +220,46 @@ def _scenarios(rank: int) -> dict:
     engine.consolidate()
     out["zero3"] = {"trajectory": trajectory(history), "masks": mask_state(module), "pruned": decide_and_materialise(mm)}
 
-    # the same, materialised as the prune job does: each rank drops its partition of a tensor once rank 0 has it
+    # the same, materialised as the prune job does: the engine released (DeepSpeed's engine destroyed), then each
+    # rank drops its partition of a tensor once rank 0 has it
     mm, module, groups = build()
     engine = DeepSpeedEngine(module, groups, stage=3, grad_accum=GRAD_ACCUM, seed=0, overrides=PARTITION_ALL)
     train(engine)
+    engine.release()
     fetched = materialize(mm, decide(mm, Budget("params_ratio", 0.6)), fetch=functools.partial(engine.fetch, free=True),
                           build=True)
     out["zero3_fetched_freed"] = None if fetched is None else {k: v.clone() for k, v in fetched.state_dict().items()}
     out["zero3_left_after_free"] = sum(p.ds_tensor.numel() for p in mm.model.parameters())
+
+    # VTrans in bf16 (weights trained with fp32 master copies, a separate teacher): release empties the optimizer's
+    # moments, master copies and gradient buffers and the teacher's partitions, refuses to train again, and the
+    # model materialises afterwards, freeing its partitions as it goes, to the pruned model built before
+    mm, module, groups = build(teacher=True)
+    engine = DeepSpeedEngine(module, groups, stage=3, bf16=True, grad_accum=GRAD_ACCUM, seed=0,
+                             overrides=PARTITION_ALL)
+    train(engine)
+    decision = decide(mm, Budget("params_ratio", 0.6))
+    before = materialize(mm, decision, fetch=engine.fetch, build=True)
+    optimizer, teacher = engine.optimizer, engine.teacher
+    held = lambda: {  # noqa: E731
+        "moments": sum(v.numel() for st in optimizer.optimizer.state.values() for v in st.values()
+                       if torch.is_tensor(v)),
+        "masters": sum(t.numel() for t in optimizer.fp32_partitioned_groups_flat if t.dtype == torch.float32),
+        "gradients": 0 if optimizer.grad_partitions_flat_buffer is None else optimizer.grad_partitions_flat_buffer.numel(),
+        "teacher": sum(p.ds_tensor.numel() for p in teacher.parameters())}
+    out["held_before_release"] = held()
+    engine.release()
+    out["held_after_release"] = held()
+    out["weights_after_release"] = sum(p.ds_tensor.numel() for p in mm.model.parameters())
+    try:
+        train(engine, steps=1)
+        out["released_trains"] = True
+    except RuntimeError as e:
+        out["released_trains"] = str(e)
+    after = materialize(mm, decision, fetch=functools.partial(engine.fetch, free=True), build=True)
+    out["released_same"] = None if after is None else all(
+        torch.equal(v, before.state_dict()[k]) for k, v in after.state_dict().items())
+    out["released_left"] = sum(p.ds_tensor.numel() for p in mm.model.parameters())
 
     # masks that the ranks initialised apart (a sharded load draws from the RNG unevenly): the engine starts every
     # rank from rank 0's, and training keeps them equal
@@ -316,6 +382,23 @@ def test_zero3_materialise_can_free_the_dense_shards_as_it_goes(two_ranks):
     assert freed.keys() == kept.keys()
     for name, value in kept.items():
         torch.testing.assert_close(freed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_release_frees_the_optimizer_and_the_teacher(two_ranks):
+    """After training (VTrans under ZeRO-3 in bf16: weights trained, a separate sharded teacher) `release` empties on
+    every rank the optimizer's moments, its fp32 master copies and gradient buffers and the teacher's partitions,
+    keeps the weights, refuses to train again, and the model still materialises, freeing its partitions as it goes,
+    to the pruned model built before the release."""
+    for rank, result in enumerate(two_ranks):
+        before, after = result["held_before_release"], result["held_after_release"]
+        assert min(before.values()) > 0, (rank, before)  # there was something to free
+        assert after == {k: 0 for k in before}, (rank, after)
+        assert result["weights_after_release"] > 0, rank  # the weights themselves stay for materialise
+        assert "released after training" in result["released_trains"], rank
+        assert result["released_left"] == 0, rank
+    assert two_ranks[0]["released_same"] is True and two_ranks[1]["released_same"] is None
 
 
 @pytest.mark.distributed

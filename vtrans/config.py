@@ -406,21 +406,34 @@ class DeepSpeedConfig:
     max_reuse_distance: int = 1_000_000_000
     prefetch_bucket_size: int = 50_000_000  # parameters fetched ahead of their use
     param_persistence_threshold: int = 100_000  # tensors this small stay whole on every rank
+    # ZeRO-1/2/3: elements per gradient-reduction bucket; DeepSpeed allocates a bucket of this size for trained
+    # weights (its own default, 5e8, is 1.9 GB in fp32 on every rank whatever the model). 0 = hidden_size^2 of the
+    # model, as transformers' DeepSpeed integration fills "auto" (16.8M elements for a 4096-wide 7B)
+    reduce_bucket_size: int = 0
+    # ZeRO-3: elements per optimizer sub-group. The optimizer steps one sub-group at a time and its temporaries are
+    # the size of one (DeepSpeed's default, 1e9, makes a rank's whole partition one group: a 7B model's eighth is 875M
+    # fp32 elements, 3.5 GB per temporary); smaller groups also let materialise free trained weights group by group
+    sub_group_size: int = 100_000_000
 
     def __post_init__(self):
         _one_of("deepspeed.stage", self.stage, (0, 1, 2, 3))
         if self.timeout_minutes <= 0:
             raise ValueError(f"deepspeed.timeout_minutes={self.timeout_minutes} must be > 0")
-        for key in ("max_live_parameters", "max_reuse_distance", "prefetch_bucket_size", "param_persistence_threshold"):
+        for key in ("max_live_parameters", "max_reuse_distance", "prefetch_bucket_size", "param_persistence_threshold",
+                    "reduce_bucket_size"):
             if getattr(self, key) < 0:
                 raise ValueError(f"deepspeed.{key}={getattr(self, key)} must be >= 0 (a number of parameters)")
+        if self.sub_group_size < 1:
+            raise ValueError(f"deepspeed.sub_group_size={self.sub_group_size} must be >= 1 (elements per optimizer "
+                             "sub-group)")
 
     def zero3_settings(self) -> dict:
         """These settings as DeepSpeed's zero_optimization keys."""
         return {"stage3_max_live_parameters": self.max_live_parameters,
                 "stage3_max_reuse_distance": self.max_reuse_distance,
                 "stage3_prefetch_bucket_size": self.prefetch_bucket_size,
-                "stage3_param_persistence_threshold": self.param_persistence_threshold}
+                "stage3_param_persistence_threshold": self.param_persistence_threshold,
+                "sub_group_size": self.sub_group_size}
 
 
 @dataclass

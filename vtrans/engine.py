@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import hostmem
 from .cluster import dist_env, export_dist_env
 
 log = logging.getLogger("vtrans")
@@ -200,6 +201,7 @@ class Engine:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+        _check_not_released(self)
         self.module.train()
         totals: dict[str, float] = {}
         for batch in micro_batches:
@@ -260,8 +262,16 @@ class Engine:
         """After training: leave `module` a plain module holding its full trained parameters (a no-op here)."""
 
     def release(self) -> None:
-        """Free the optimizer state (after training, before materialising)."""
+        """After the last training step (before materialising): free what only training needs, the optimizer's
+        state and the frozen teacher (VTrans's copy of the dense model), and hand the memory back. The module keeps
+        its parameters; it is not trained again (`train_step` refuses)."""
         self.optimizer.state.clear()
+        for p in self.params + self.replicated:
+            p.grad = None
+        _empty_teacher(_separate_teacher(self.module), keep=self.module)
+        _drop_teacher(self.module)
+        self.released = True
+        hostmem.trim()
 
     def close(self) -> None:
         pass
@@ -518,6 +528,7 @@ class DeepSpeedEngine(Engine):
         return {k: v[rows].to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
+        _check_not_released(self)
         if len(micro_batches) != self.grad_accum:
             raise ValueError(f"DeepSpeed was configured for {self.grad_accum} micro-batches per step, "
                              f"got {len(micro_batches)}")
@@ -685,15 +696,32 @@ class DeepSpeedEngine(Engine):
         self.ds = self.teacher_engine = self.optimizer = None
 
     def release(self) -> None:
-        """Free the optimizers' moments (after training, before materialising: the model stays sharded)."""
+        """After the last training step (before materialising): free everything only training needs, so that the
+        pruned model is built next to the partitioned weights alone. DeepSpeed's engines are destroyed: with them go
+        the optimizer's moments, ZeRO's fp32 master partitions and gradient buffers (trained weights) and the hooks
+        that gather layers for a forward; the frozen teacher's engine and partitions go too. The parameters stay as
+        they are (partitioned under ZeRO-3, in the training dtype) for `fetch` / `state_on_main`; the module is not
+        run or trained again (`train_step` refuses)."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # a ZeRO wrapper holds the torch optimizer
         if inner is not None and hasattr(inner, "state"):
             inner.state.clear()
         if self.replicated_optimizer is not None:
             self.replicated_optimizer.state.clear()
-        import gc
-
-        gc.collect()
+        self.release_parameters()  # nothing left gathered by the last forward
+        # DeepSpeed keeps its optimizer reachable from every parameter (`_z3_optimizer`) and its engines from hooks
+        # and closures, so dropping references frees nothing: the tensors only training used are emptied instead
+        if self.ds is not None:
+            self.ds.destroy()
+        if self.teacher_engine is not None:
+            self.teacher_engine.destroy()
+        _empty_training_buffers(self.optimizer)
+        _empty_teacher(self.teacher, keep=self.module)
+        for p in self.params + self.replicated:
+            p.grad = None
+        self.ds = self.teacher_engine = self.optimizer = self._offload = self.teacher = None
+        _drop_teacher(self.module)
+        self.released = True
+        hostmem.trim()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -701,6 +729,74 @@ class DeepSpeedEngine(Engine):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def auto_bucket_size(module: nn.Module, default: int = 500_000_000) -> int:
+    """hidden_size^2 of the (first) transformers model inside `module`: the gradient-reduction bucket transformers'
+    DeepSpeed integration uses for "auto"; DeepSpeed's own default where there is no such model."""
+    for m in module.modules():
+        hidden = getattr(getattr(m, "config", None), "hidden_size", None)
+        if isinstance(hidden, int) and hidden > 0:
+            return hidden * hidden
+    return default
+
+
+def _empty(t: torch.Tensor) -> None:
+    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
+def _empty_training_buffers(optimizer) -> None:
+    """Empty what a DeepSpeed ZeRO optimizer holds for training only: fp32 master partitions where they are copies
+    (bf16; in fp32 they are the weights themselves), the partitioned gradients and their flat buffers. The weights
+    (the flat low-precision groups the parameters view) are kept."""
+    if optimizer is None:
+        return
+    weights = {t.untyped_storage().data_ptr() for name in ("fp16_partitioned_groups_flat", "bit16_groups_flat")
+               for t in getattr(optimizer, name, None) or [] if t.numel()}
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+        for t in getattr(optimizer, name, None) or []:
+            t.grad = None
+            if t.numel() and t.untyped_storage().data_ptr() not in weights:
+                _empty(t)
+    for name in ("grad_partitions_flat_buffer", "averaged_gradients", "ipg_buffer"):
+        if getattr(optimizer, name, None) is not None:
+            setattr(optimizer, name, None if not isinstance(getattr(optimizer, name), dict) else {})
+    grads = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", None)
+    if isinstance(grads, dict):  # views of the flat gradient buffer: they would keep it alive
+        grads.clear()
+    # ZeRO-3: the parameters' partitions view the optimizer's flat weight groups; without the optimizer's own
+    # references, materialise (fetch with free) releases each group once its last partition is read
+    for name in ("fp16_partitioned_groups_flat", "fp32_partitioned_groups_flat"):
+        if isinstance(getattr(optimizer, name, None), list):
+            setattr(optimizer, name, [])
+    if getattr(optimizer, "lp_param_buffer", None) is not None:
+        optimizer.lp_param_buffer = None
+
+
+def _empty_teacher(teacher: nn.Module | None, keep: nn.Module) -> None:
+    """Empty a separate frozen teacher's tensors (its ZeRO-3 partitions too), sparing any it shares with `keep`."""
+    if teacher is None:
+        return
+    kept = {p.untyped_storage().data_ptr() for p in keep.parameters() if p.numel()}
+    for p in teacher.parameters():
+        part = getattr(p, "ds_tensor", None)
+        if part is not None and part.numel() and part.untyped_storage().data_ptr() not in kept:
+            _empty(part)
+        if p.numel() and p.untyped_storage().data_ptr() not in kept:
+            _empty(p)
+
+
+def _drop_teacher(module: nn.Module) -> None:
+    """Let go of the frozen teacher a training module holds (PruningModule / DistillModule keep it in `_teacher`)."""
+    held = getattr(module, "_teacher", None)
+    if isinstance(held, list) and held:
+        held[0] = None
+
+
+def _check_not_released(engine) -> None:
+    if getattr(engine, "released", False):
+        raise RuntimeError("this engine was released after training (optimizer state and teacher freed); "
+                           "make a new engine to train again")
 
 
 def _separate_teacher(module: nn.Module) -> nn.Module | None:
@@ -723,7 +819,10 @@ def make_engine(module: nn.Module, param_groups: list[dict], cfg, procs: Process
     procs = procs or processes(cfg.device, ds.timeout_minutes)
     common = dict(grad_accum=oc.grad_accum, clip=oc.clip, weight_decay=oc.weight_decay, seed=oc.seed, procs=procs)
     if ds.enabled:
-        overrides = {"zero_optimization": ds.zero3_settings()} if ds.stage == 3 else None
+        zero = ds.zero3_settings() if ds.stage == 3 else {}
+        if ds.stage > 0:
+            zero["reduce_bucket_size"] = ds.reduce_bucket_size or auto_bucket_size(module)
+        overrides = {"zero_optimization": zero} if zero else None
         return DeepSpeedEngine(module, param_groups, stage=ds.stage, bf16=ds.bf16,
                                offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
                                timeout_minutes=ds.timeout_minutes, overrides=overrides, **common)

@@ -84,7 +84,8 @@ class LayerDistill(nn.Module):
     def forward(self, student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1]
-        projected = self.proj(torch.stack(student[1:]).float())  # [L, B, T, D], one matmul for all layers
+        # [L, B, T, D], one matmul for all layers, in the map's dtype (DeepSpeed's bf16 casts it), then float32
+        projected = self.proj(torch.stack(student[1:]).to(self.proj.weight.dtype)).float()
         m = mask.unsqueeze(-1).float() if mask is not None else None
         losses, start = [], 0
         for tl in self.teacher_layers:

@@ -79,7 +79,8 @@ def run(cfg: Config, out: Path) -> dict:
     check_stop()
     model_dir = out / "model"  # saved before it is evaluated
     if sharded:  # rank 0 gathers the trained weights one tensor at a time and saves them; every rank reads them back
-        engine.release()
+        engine.release()  # the optimizer state and the teacher go before rank 0 gathers the weights
+        teacher = reference = module = None  # noqa: F841 (the last references to the teacher)
         tuned = P.whole_copy(student, engine.state_on_main(student)) if procs.is_main else None
         if procs.is_main:
             P.save_model(tuned, tokenizer, model_dir)

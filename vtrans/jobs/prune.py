@@ -87,7 +87,8 @@ def run(cfg: Config, out: Path) -> dict:
                           progress=cfg.progress, desc=f"{mask.variant}-vtrans", checkpointer=checkpointer,
                           on_step=on_step, end_reserve=model_room)
         train_time = time.perf_counter() - t_init
-        engine.release()  # the optimizers' moments are not needed any more: free them before materialising
+        engine.release()  # the optimizer state and the teacher are not needed any more: free them before materialising
+        teacher = module = None  # noqa: F841 (the last references to the teacher)
     else:  # a one-shot baseline: score the units on calibration batches, no training
         history, train_time = [], P.warm_start(cfg, mm, data.train, procs, lockstep)
         if hooks is not None:
