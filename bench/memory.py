@@ -1,11 +1,14 @@
 """Peak memory per stage of the prune job, per rank: host RSS (and, on a GPU, peak device memory) for load, one
-training step, release (the optimizers' moments freed), materialise and save, on a random LLaMA shape: one process
-(whole model) against 2-rank ZeRO-3 on the CPU (gloo; built partitioned, one layer gathered at a time). Also the
+training step, release (the optimizer state and the teacher freed), materialise and save, on a random LLaMA shape:
+one process (whole model) against 2-rank ZeRO-3 on the CPU (gloo; built partitioned, one layer gathered at a time). Also the
 memory model: per-rank GPU and host memory for 7B / 13B / 70B, ZeRO-2 / ZeRO-3, each variant, 8 / 32 / 64 GPUs,
 its byte counts checked against the measured shapes.
 
     python bench/memory.py                       # the ~1B shape, both modes; writes bench/results/memory_cpu_1b.{md,json}
-    python bench/memory.py --live 1e8 --tag 1b_live1e8   # ZeRO-3 holding at most ~2 of its layers gathered
+    python bench/memory.py --glibc-heap --tag 1b_glibc_heap      # the same at glibc's growing mmap threshold
+    python bench/memory.py --checkpointing --live 5e7 --prefetch 0 --tag 1b_lowmem   # as the 7B experiments
+                                                 # (activation checkpointing), about one layer gathered at a time
+    python bench/memory.py --shape 300m --variant vtrans --tag 300m_vtrans   # VTrans: trained weights, a teacher
     python bench/memory.py --shape small         # a ~55M shape (tests/test_memory.py checks it in the default tier)
     python bench/memory.py --model-table         # the memory model's table for 7B / 13B / 70B
 
@@ -98,7 +101,7 @@ def save_random_model(shape: str, root: Path) -> Path:
 
 def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128, live: int | None = None,
             checkpointing: bool = False, prefetch: int | None = None, variant: str = "faster",
-            sub_group: int | None = None) -> dict:
+            sub_group: int | None = None, glibc_heap: bool = False) -> dict:
     """One Faster-VTrans step (`variant="vtrans"`: VTrans, weights trained with AdamW against a separate frozen
     teacher, loaded like the student), release, a 50 % decision, materialise and save, each stage's peak RSS.
     `live`: deepspeed.max_live_parameters and max_reuse_distance (default: vtrans's, DeepSpeed's 1e9).
@@ -113,6 +116,8 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     from vtrans.pipeline import frozen_teacher, prepare_training
     from vtrans.pruning import PruningModule
 
+    from vtrans import hostmem
+
     torch.set_num_threads(1)
     cfg = Config()
     cfg.model.package, cfg.model.name_or_path, cfg.model.gguf_file = "", model_dir, ""
@@ -123,9 +128,13 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
         cfg.deepspeed.prefetch_bucket_size = prefetch
     if sub_group is not None:
         cfg.deepspeed.sub_group_size = sub_group
+    if glibc_heap:
+        cfg.deepspeed.host_mmap_threshold = 0
     cfg.optim.batch_size = 2
     cfg.optim.gradient_checkpointing = checkpointing
     cfg.mask.variant = variant
+    if zero3 and cfg.deepspeed.host_mmap_threshold:  # as vtrans.jobs.run does for a DeepSpeed job
+        hostmem.cap_heap(cfg.deepspeed.host_mmap_threshold)
     procs = processes("cpu") if zero3 else Processes(torch.device("cpu"))
     peak = PeakRSS()
     baseline = rss_bytes()
@@ -159,7 +168,8 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     procs.barrier()
     peak.close()
     pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters()) if pruned is not None else 0
-    return {"rank": rank, "zero3": zero3, "variant": variant, "baseline": baseline, "peaks": peak.peaks, "starts": peak.starts,
+    return {"rank": rank, "zero3": zero3, "variant": variant, "baseline": baseline, "peaks": peak.peaks,
+            "starts": peak.starts,
             "pruned_bytes": pruned_bytes, "dense_layer_bytes": dense_layer_bytes,
             "params": int(sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()))}
 
@@ -292,6 +302,8 @@ def main(argv=None) -> dict:
                    help="ZeRO-3 runs with deepspeed.prefetch_bucket_size = this (default 5e7)")
     p.add_argument("--sub-group", type=float, default=None,
                    help="ZeRO-3 runs with deepspeed.sub_group_size = this (default 1e8)")
+    p.add_argument("--glibc-heap", action="store_true",
+                   help="ZeRO-3 runs with deepspeed.host_mmap_threshold=0 (glibc's own, growing threshold)")
     p.add_argument("--variant", choices=("faster", "vtrans"), default="faster",
                    help="vtrans: weights trained (AdamW) against a separate frozen teacher (use --shape 300m: one "
                         "process then holds the model, the teacher, the gradients and the moments)")
@@ -309,6 +321,7 @@ def main(argv=None) -> dict:
     single = run_single(model_dir, work / "single", checkpointing=args.checkpointing, variant=args.variant)
     sub_group = None if args.sub_group is None else int(args.sub_group)
     ranks = run_zero3(model_dir, work / "zero3", args.ranks, live=live, prefetch=prefetch, sub_group=sub_group,
+                      glibc_heap=args.glibc_heap,
                       checkpointing=args.checkpointing, variant=args.variant)
     c = checks(single, ranks)
     shape = SHAPES[args.shape]
@@ -324,6 +337,7 @@ def main(argv=None) -> dict:
     command = (f"python bench/memory.py --shape {args.shape}" + (f" --live {args.live:g}" if live is not None else "")
                + (f" --prefetch {args.prefetch:g}" if prefetch is not None else "")
                + (f" --sub-group {args.sub_group:g}" if sub_group is not None else "")
+               + (" --glibc-heap" if args.glibc_heap else "")
                + (" --checkpointing" if args.checkpointing else "")
                + (f" --variant {args.variant}" if args.variant != "faster" else ""))
     (RESULTS / f"memory_cpu_{tag}.md").write_text(f"# Peak host memory per stage ({args.shape} LLaMA shape, CPU)\n\n"

@@ -76,6 +76,7 @@ def test_wrong_type_fails_naming_the_key():
      r"data.folds=5 is not supported for model.task=question_answering"),
     ("deepspeed.sub_group_size=0", r"deepspeed.sub_group_size=0 must be >= 1"),
     ("deepspeed.reduce_bucket_size=-1", r"deepspeed.reduce_bucket_size=-1 must be >= 0"),
+    ("deepspeed.host_mmap_threshold=-1", r"deepspeed.host_mmap_threshold=-1 must be >= 0 \(bytes"),
 ])
 def test_bad_values_fail_at_validation(override, match):
     cfg = _compose(override.split())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 
+from .. import hostmem
 from ..cluster import dist_env
 from ..config import load_config
 from ..checkpoint import Stopped, check_stop
@@ -19,7 +20,10 @@ def run(cfg) -> dict:
     """Validate the config and claim the output directory (before any model is loaded), run the chosen job, write
     metrics.json (rank 0)."""
     cfg = load_config(cfg)
-    check_world_size(cfg, dist_env().world_size)
+    world = dist_env().world_size
+    if cfg.deepspeed.enabled and cfg.deepspeed.host_mmap_threshold and world > 1:  # a rank's own process
+        hostmem.cap_heap(cfg.deepspeed.host_mmap_threshold)  # before anything is loaded
+    check_world_size(cfg, world)
     out = output_dir(cfg)
     main = is_main_process()
     claim_output(cfg, out)
