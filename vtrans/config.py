@@ -208,6 +208,10 @@ class MaskConfig:
     #                            on calibration_blocks of the variant's own training data; "" = the plain init above
     #                            (one-shot methods ignore it)
     init_spread: float = 6.0  # warm start: log_sigma2 spreads over log_sigma2_init -/+ init_spread / 2 by score rank
+    compensate: bool = False  # after materialising, refit each pruned block's output projection to its dense block's
+    #                           output on compensate_blocks training sequences (closed form; vtrans.masks.compensate)
+    compensate_blocks: int = 128
+    compensate_damp: float = 0.01  # ridge on the kept units' Gram matrix, as a share of its mean diagonal
 
     def __post_init__(self):
         _one_of("mask.variant", self.variant, VARIANTS)
@@ -226,6 +230,12 @@ class MaskConfig:
         _one_of("mask.init_from", self.init_from, INIT_SCORERS)
         if self.init_spread <= 0:
             raise ValueError(f"mask.init_spread={self.init_spread} must be > 0")
+        if self.compensate_blocks < 1:
+            raise ValueError(f"mask.compensate_blocks={self.compensate_blocks} must be >= 1 (training sequences the "
+                             "output compensation fits on)")
+        if not self.compensate_damp > 0:
+            raise ValueError(f"mask.compensate_damp={self.compensate_damp} must be > 0 (a share of the Gram matrix's "
+                             "mean diagonal, e.g. 0.01)")
 
 
 @dataclass
@@ -539,6 +549,9 @@ class Config:
             raise ValueError(f"budget.multiple_of={self.budget.multiple_of} does not apply with export_uniform=true "
                              "(the uniform decision sets one width per structure for stock classes); use "
                              "budget.multiple_of=1 or export_uniform=false")
+        if self.mask.compensate and self.deepspeed.enabled and self.deepspeed.stage == 3:
+            raise ValueError("mask.compensate=true refits the pruned model against the dense layers, which ZeRO-3 "
+                             "keeps partitioned over the ranks: use deepspeed.stage 0-2 or mask.compensate=false")
         if self.data.streaming and self.model.task != "causal_lm":
             raise ValueError(f"data.streaming=true is for causal LM token blocks; model.task={self.model.task} reads "
                              "its examples whole: set data.streaming=false")

@@ -36,6 +36,7 @@ from .decision import DECISION_FILE, Decision
 from .evaluation import (classification_metrics, lm_eval_metrics, perplexity, qa_metrics, regression_metrics)
 from .log import rows_from_counts
 from .masks.attach import MaskedModel, MaskInit, attach_masks
+from .masks.compensate import compensate as refit_outputs
 from .masks.decide import Budget, decide as fit_budget, decide_uniform, uniform_conflicts
 from .masks.materialize import materialize
 from .masks.scoring import score_masks, warm_start as spread_scores
@@ -593,6 +594,17 @@ def calibration(train, cfg: Config) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
+
+
+def compensate(cfg: Config, pruned, dense_model, decision: Decision, train) -> dict:
+    """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
+    place, so each block reproduces its dense block on mask.compensate_blocks training sequences
+    (vtrans.masks.compensate)."""
+    bs = cfg.optim.batch_size
+    batches = [b for _, b in zip(range(max(1, -(-cfg.mask.compensate_blocks // bs))),
+                                 endless(train, bs, cfg.optim.seed + 1))]
+    with stop_checks(pruned):
+        return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp)
 
 
 def budget_of(cfg: Config) -> Budget:

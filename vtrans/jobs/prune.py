@@ -1,6 +1,7 @@
 """The prune job, as its stages (vtrans.pipeline): load (the model's config first: the family's conflicts fail
 here) -> data -> attach -> evaluate the dense model -> warm start -> train the masks (VTrans / Fast-VTrans /
-Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget -> materialise -> save the pruned model ->
+Faster-VTrans; a one-shot baseline scores instead) -> decide to the budget -> materialise -> (mask.compensate: refit
+the output projections) -> save the pruned model ->
 evaluate it -> its metrics (metrics.json, written by vtrans.jobs.run).
 
 The model is saved before its evaluation, and does not depend on the end-of-training checkpoint: that checkpoint
@@ -103,6 +104,9 @@ def run(cfg: Config, out: Path) -> dict:
     fetch = engine.fetch if engine is not None else (sharded.fetch if sharded else None)
     # the dense model is not used again: under ZeRO-3 each rank drops its shard of a tensor once rank 0 has it
     pruned = P.materialise(cfg, mm, decision, fetch=fetch, build=procs.is_main, free=bool(sharded))
+    compensation = {}
+    if cfg.mask.compensate and procs.is_main:  # the dense layers are whole here (validation refuses ZeRO-3)
+        compensation = P.compensate(cfg, pruned.to(procs.device), model, decision, data.train)
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)
@@ -117,6 +121,7 @@ def run(cfg: Config, out: Path) -> dict:
     log.info("pruned: %s", _fmt({**pruned_eval, **pruned_domains}))
 
     metrics = _metrics(cfg, dense, model, pruned, decision, data, history, train_time, dense_eval, pruned_eval)
+    metrics.update(compensation)
     metrics.update(dense_domains)
     metrics.update(pruned_domains)
     if cfg.model.task == "causal_lm":

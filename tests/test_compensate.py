@@ -1,0 +1,149 @@
+"""Output compensation (vtrans.masks.compensate, mask.compensate): the refit is the least-squares optimum, it brings
+every family's pruned blocks closer to the dense ones on the calibration text (and the model's outputs on other
+text), it leaves an unpruned block alone, and the prune job saves the refitted model."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.test_prune_job import _cfg
+from tests.tiny import make_tiny, save_tiny_with_tokenizer
+from vtrans.config import Config, load_config
+from vtrans.jobs import run
+from vtrans.masks.attach import attach_masks
+from vtrans.masks.compensate import _refit, compensate
+from vtrans.masks.decide import Budget, decide
+from vtrans.masks.materialize import materialize
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("tiny_llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from vtrans.data import load_documents
+    p = tmp_path_factory.mktemp("data") / "news.txt"
+    p.write_text("\n".join(d.text for d in load_documents("gensim:lee_background.cor")[:120]))
+    return p
+
+
+def _inputs(seed, n=8, length=16):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, 90, (n, length), generator=g),
+            "attention_mask": torch.ones(n, length, dtype=torch.long)}
+
+
+def _outputs(model, x):
+    out = model(**x)
+    return out.logits if hasattr(out, "logits") else torch.cat([out.start_logits, out.end_logits], -1)
+
+
+def test_the_refit_is_the_least_squares_fit_of_the_whole_projection():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)  # [out, units]
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    new = _refit(w, x.t() @ x, kept, damp=1e-12)
+    best = torch.linalg.lstsq(x[:, kept], x @ w.t()).solution.t()
+    torch.testing.assert_close(new, best, rtol=1e-6, atol=1e-8)
+    # the refit's error is the smallest any weights on the kept units reach; plain cutting is worse
+    err = lambda ws: (x[:, kept] @ ws.t() - x @ w.t()).pow(2).sum()  # noqa: E731
+    assert err(new) < err(w[:, kept])
+    # a larger ridge pulls the refit back towards the plain cut
+    far = _refit(w, x.t() @ x, kept, damp=1e6)
+    torch.testing.assert_close(far, w[:, kept], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,head,hidden_cut", [("llama", "lm", False), ("llama", "lm", True),
+                                                    ("gpt2", "lm", True), ("bert", "cls", True)])
+def test_compensation_brings_every_family_closer_to_the_dense_model(family, head, hidden_cut):
+    model = make_tiny(family, head).eval()
+    calibration, other = [_inputs(s) for s in range(4)], _inputs(99)
+    with torch.no_grad():
+        dense_cal = [_outputs(model, b) for b in calibration]
+        dense_other = _outputs(model, other)
+    mm = attach_masks(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
+            m.mu.fill_(1.0)
+        if not hidden_cut:
+            mm.hidden.log_sigma2.fill_(-9.0)
+    d = decide(mm, Budget("params_ratio", 0.7))
+    assert len(d.hidden) < d.dense.hidden if hidden_cut else len(d.hidden) == d.dense.hidden
+    with mm.disabled():
+        pruned = materialize(mm, d)
+
+        def error(x, ref):
+            with torch.no_grad():
+                return (_outputs(pruned, x) - ref).pow(2).mean().item()
+
+        before = [error(b, r) for b, r in zip(calibration, dense_cal)], error(other, dense_other)
+        info = compensate(pruned, model, d, calibration)
+        after = [error(b, r) for b, r in zip(calibration, dense_cal)], error(other, dense_other)
+        with torch.no_grad():  # the dense model is untouched (copies of its blocks ran, not it)
+            torch.testing.assert_close(_outputs(model, other), dense_other)
+    assert info["compensated_ffn"] > 0 and info["compensation_tokens"] == 4 * 8 * 16
+    assert sum(after[0]) < sum(before[0])  # on the calibration text
+    # on text it never saw: better, or (LLaMA with hidden channels cut, whose error is mostly the cut channels, which
+    # no refit of the blocks' outputs restores) no worse than noise
+    assert after[1] < before[1] if (family != "llama" or not hidden_cut) else after[1] < 1.01 * before[1]
+
+
+def test_an_unpruned_model_is_left_as_materialised():
+    model = make_tiny("llama", "lm").eval()
+    mm = attach_masks(model)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.mu.fill_(1.0)
+            m.log_sigma2.fill_(-9.0)
+    d = mm.decision()
+    assert all(len(l.neurons) == d.dense.layers[0].intermediate for l in d.layers)
+    pruned = materialize(mm, d)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    info = compensate(pruned, model, d, [_inputs(0)])
+    assert info["compensated_ffn"] == info["compensated_attention"] == 0
+    for k, v in pruned.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_the_prune_job_saves_the_compensated_model(tiny_llama_dir, text_file, tmp_path):
+    kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7)
+    plain = run(_cfg(tiny_llama_dir, tmp_path / "plain", **kw))
+    refit = run(_cfg(tiny_llama_dir, tmp_path / "refit", mask__compensate=True, mask__compensate_blocks=16, **kw))
+    assert "compensated_ffn" not in plain
+    assert refit["compensated_ffn"] > 0 and refit["compensation_tokens"] == 16 * 32
+    assert refit["shape_pruned"] == plain["shape_pruned"]  # the same decision, other weights
+    assert refit["ppl_pruned"] != plain["ppl_pruned"]
+    written = json.loads((tmp_path / "refit" / "metrics.json").read_text())
+    assert written["compensated_ffn"] == refit["compensated_ffn"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "model", trust_remote_code=True)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "refit" / "model", trust_remote_code=True)
+    down = [n for n, _ in a.named_parameters() if "down_proj" in n]
+    assert any(not torch.equal(dict(a.named_parameters())[n], dict(b.named_parameters())[n]) for n in down)
+    up = [n for n, _ in a.named_parameters() if "up_proj" in n]  # only the output projections are refitted
+    assert all(torch.equal(dict(a.named_parameters())[n], dict(b.named_parameters())[n]) for n in up)
+
+
+@pytest.mark.parametrize("key,value,words", [("mask.compensate_blocks", 0, "compensate_blocks=0"),
+                                             ("mask.compensate_damp", 0.0, "compensate_damp=0.0")])
+def test_bad_compensation_settings_fail_naming_the_key(key, value, words):
+    from omegaconf import OmegaConf
+    raw = OmegaConf.structured(Config())
+    OmegaConf.update(raw, key, value)
+    with pytest.raises(ValueError, match=words):
+        load_config(raw)
+
+
+def test_compensation_refuses_zero3_before_anything_loads():
+    from omegaconf import OmegaConf
+    raw = OmegaConf.structured(Config())
+    OmegaConf.update(raw, "mask.compensate", True)
+    OmegaConf.update(raw, "deepspeed.enabled", True)
+    OmegaConf.update(raw, "deepspeed.stage", 3)
+    with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):
+        load_config(raw)

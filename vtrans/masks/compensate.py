@@ -1,0 +1,234 @@
+"""Output compensation: after units are removed, refit the projection that reads them so that each block's output
+stays what the unpruned block would give, on calibration text (closed form, no training).
+
+A block's output projection (attention's `o`, the FFN's `ffn_out`) is linear in the units it reads: y = x W^T. Cut
+to the kept units S, the removed units R take their share x_R W_R^T with them. Given the block's input, the kept
+units compute exactly what they computed before, so the least-squares refit of W_S against the whole block needs
+only the Gram matrix G = X^T X of every unit's output on calibration inputs:
+
+    W_S'^T = W_S^T + (G_SS + lambda I)^-1 G_SR W_R^T
+
+(the structured optimal-brain-surgeon update, as in ZipLM / SlimGPT; lambda = damp x mean(diag G_SS) as in
+SparseGPT). The inputs are the pruned model's own, layer after layer (each refit sees what the refits before it
+left), and the whole units are computed by the dense block's weights on those inputs. The reference weights W are
+the dense projection's, its output in the pruned model's coordinates (kept hidden channels, the block and hidden
+scales materialisation folds in); the kept units' own mask scales are replaced by the refit.
+
+Family-generic through the adapter's module paths: the module owning the q/k/v projections and the one owning the
+FFN input projections are run whole (a copy of the dense one, inputs cut to the kept hidden channels) on the inputs
+the pruned model's module receives. Needs the dense layers whole in this process (not ZeRO-3 partitioned)."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from ..decision import Decision
+from ..models import base_model, family_of, get_module
+
+log = logging.getLogger("vtrans")
+
+
+class _Caught(Exception):
+    pass
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _weight_out_in(module: nn.Module, conv1d: bool) -> torch.Tensor:
+    return module.weight.t() if conv1d else module.weight
+
+
+def _set_weight(module: nn.Module, w_out_in: torch.Tensor, conv1d: bool) -> None:
+    w = (w_out_in.t() if conv1d else w_out_in).contiguous().to(module.weight.dtype)
+    module.weight.data.copy_(w)
+
+
+def _cut_inputs(module: nn.Module, paths, rel: str, keep: torch.Tensor, conv1d: bool) -> None:
+    """In a copy owning the projections `paths` (layer-relative; `rel` is the copy's own path), keep only the input
+    channels `keep` (the kept hidden channels)."""
+    for path in paths:
+        lin = get_module(module, path[len(rel) + 1:] if rel else path)
+        w = lin.weight.data
+        w = w.index_select(0, keep) if conv1d else w.index_select(1, keep)
+        lin.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        if hasattr(lin, "in_features"):
+            lin.in_features = int(keep.numel())
+
+
+def _reference(layer: nn.Module, path: str, in_paths, hidden: torch.Tensor, full_hidden: int, conv1d: bool):
+    """A hook-free copy of the dense layer's module at `path` with its inputs cut to the kept hidden channels."""
+    ref = copy.deepcopy(get_module(layer, path) if path else layer)
+    for m in ref.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+        if hasattr(m, "_forward_hooks_with_kwargs"):
+            m._forward_hooks_with_kwargs.clear()
+        if hasattr(m, "_forward_pre_hooks_with_kwargs"):
+            m._forward_pre_hooks_with_kwargs.clear()
+    ref.eval().requires_grad_(False)
+    if hidden.numel() < full_hidden:
+        _cut_inputs(ref, in_paths, path, hidden, conv1d)
+    return ref
+
+
+class _Gram:
+    """X^T X of the unit outputs read by a projection, accumulated in float64."""
+
+    def __init__(self):
+        self.g, self.n = None, 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.g = x.t() @ x if self.g is None else self.g.add_(x.t() @ x)
+        self.n += x.shape[0]
+
+
+def _refit(w_ref: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, damp: float) -> torch.Tensor:
+    """W_S' [out, |S|] from the reference W [out, n] and the units' Gram matrix (see the module docstring)."""
+    n = w_ref.shape[1]
+    removed = torch.ones(n, dtype=torch.bool)
+    removed[kept] = False
+    rem = removed.nonzero().flatten()
+    w = w_ref.double()
+    w_s = w.index_select(1, kept)
+    if rem.numel() == 0 or kept.numel() == 0:
+        return w_s
+    g_ss = g.index_select(0, kept).index_select(1, kept)
+    g_sr = g.index_select(0, kept).index_select(1, rem)
+    lam = damp * g_ss.diagonal().mean().clamp_min(1e-12)
+    g_ss = g_ss + lam * torch.eye(len(kept), dtype=g.dtype, device=g.device)
+    delta = torch.linalg.solve(g_ss, g_sr @ w.index_select(1, rem).t())  # [|S|, out]
+    return w_s + delta.t()
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
+
+
+@torch.no_grad()
+def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, batches: list[dict],
+               damp: float = 0.01) -> dict:
+    """Refit the attention and FFN output projections of `pruned` (materialised from `dense_model` by `decision`)
+    in place on `batches` (model-input dicts) so each pruned block reproduces its dense block; returns what it did
+    (blocks refitted, tokens, seconds). `dense_model` is only read (its mask hooks, if any, are not run)."""
+    import time
+
+    t0 = time.perf_counter()
+    fam = family_of(dense_model)
+    dense_layers = get_module(base_model(dense_model, fam), fam.layers)
+    layers = get_module(base_model(pruned, fam), fam.layers)
+    kept_layers = decision.kept_layers()
+    if len(layers) != len(kept_layers):
+        raise ValueError(f"the pruned model has {len(layers)} layers, the decision keeps {len(kept_layers)}")
+    device = next(pruned.parameters()).device
+    hk, hmu = decision.hidden.index, decision.hidden.scale.float()
+    full_hidden = decision.dense.hidden
+    post = fam.post_norm
+    dh, group = decision.dense.head_dim, decision.group
+    attn_path, ffn_path = _parent(fam.qkv[0]), _parent(fam.ffn_in[0])
+
+    # the inputs of the first layer, for every batch (positional args and keyword args as the model passes them)
+    caught: list[tuple[tuple, dict]] = []
+
+    def catch(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Caught
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    use_cache = getattr(pruned.config, "use_cache", None)
+    if use_cache is not None:
+        pruned.config.use_cache = False
+    was_training = pruned.training
+    pruned.eval()
+    try:
+        for b in batches:
+            try:
+                pruned(**{k: v.to(device) for k, v in _model_inputs(b).items()})
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    tokens = sum(int(a[0].shape[0] * a[0].shape[1]) if a else 0 for a, _ in caught)
+
+    def hidden_of(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def with_hidden(args, kwargs, h):
+        return ((h, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
+
+    def run_layer(layer, states):
+        outs = []
+        for args, kwargs in states:
+            o = layer(*args, **kwargs)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        return outs
+
+    def gram_of(layer, ref, path, proj_path, states) -> _Gram:
+        """Run `layer` on `states`; every call of its module at `path` also runs `ref` on the same inputs and adds
+        the input of ref's `proj_path` (or ref's output when the projection sits outside it) to the Gram matrix."""
+        gram = _Gram()
+        inside = proj_path.startswith(path + ".") if path else True
+        hooks = []
+        if inside:
+            hooks.append(get_module(ref, proj_path[len(path) + 1:] if path else proj_path).register_forward_pre_hook(
+                lambda m, args: gram.add(args[0])))
+
+        def feed(module, args, kwargs):
+            out = ref(*args, **kwargs)
+            if not inside:
+                gram.add(out[0] if isinstance(out, tuple) else out)
+
+        hooks.append(get_module(layer, path).register_forward_pre_hook(feed, with_kwargs=True))
+        try:
+            run_layer(layer, states)
+        finally:
+            for h in hooks:
+                h.remove()
+        return gram
+
+    refitted = {"attention": 0, "ffn": 0}
+    states = caught
+    for j, (layer, i) in enumerate(zip(layers, kept_layers)):
+        ld, dense_layer = decision.layers[i], dense_layers[i]
+        a, f = ld.attention_scale, ld.ffn_scale
+        heads, neurons = ld.heads, ld.neurons
+        n_heads_dense = decision.dense.layers[i].kv_heads
+        n_neurons_dense = decision.dense.layers[i].intermediate
+        if 0 < len(heads) < n_heads_dense:
+            ref = _reference(dense_layer, attn_path, fam.qkv, hk, full_hidden, fam.conv1d).to(device)
+            gram = gram_of(layer, ref, attn_path, fam.o, [(a_, k_) for a_, k_ in states])
+            q_heads = (heads.index.unsqueeze(1) * group + torch.arange(group)).flatten()
+            q_ch = (q_heads.unsqueeze(1) * dh + torch.arange(dh)).flatten()
+            out_scale = torch.full_like(hmu, a) if post else a * hmu
+            w_ref = _weight_out_in(get_module(dense_layer, fam.o), fam.conv1d).detach().float().cpu()
+            w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
+            w_new = _refit(w_ref, gram.g.cpu(), q_ch, damp)
+            _set_weight(get_module(layer, fam.o), w_new.float().to(device), fam.conv1d)
+            refitted["attention"] += 1
+            del ref, gram
+        if 0 < len(neurons) < n_neurons_dense:
+            ref = _reference(dense_layer, ffn_path, fam.ffn_in, hk, full_hidden, fam.conv1d).to(device)
+            gram = gram_of(layer, ref, ffn_path, fam.ffn_out, states)
+            out_scale = torch.full_like(hmu, f) if post else f * hmu
+            w_ref = _weight_out_in(get_module(dense_layer, fam.ffn_out), fam.conv1d).detach().float().cpu()
+            w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
+            w_new = _refit(w_ref, gram.g.cpu(), neurons.index, damp)
+            _set_weight(get_module(layer, fam.ffn_out), w_new.float().to(device), fam.conv1d)
+            refitted["ffn"] += 1
+            del ref, gram
+        if j + 1 < len(layers):
+            outs = run_layer(layer, states)
+            states = [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(states, outs)]
+    if use_cache is not None:
+        pruned.config.use_cache = use_cache
+    pruned.train(was_training)
+    seconds = time.perf_counter() - t0
+    log.info("compensated %d attention and %d FFN output projections on %d tokens in %.1f s",
+             refitted["attention"], refitted["ffn"], tokens, seconds)
+    return {"compensated_attention": refitted["attention"], "compensated_ffn": refitted["ffn"],
+            "compensation_tokens": tokens, "compensation_s": seconds}
