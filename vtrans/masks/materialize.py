@@ -149,6 +149,7 @@ def materialize(model, decision: Decision | None = None, dtype: torch.dtype | No
             build = False
         elif build:
             out[name] = outside_tensor(name, t[0].float().cpu())
+        del t  # before the next fetch: a vocabulary matrix is larger than a layer
     if build:
         for name, b in _persistent_buffers(model):
             if not name.startswith(layers_prefix):
@@ -162,12 +163,12 @@ def materialize(model, decision: Decision | None = None, dtype: torch.dtype | No
         if not ld.present:
             continue  # the whole layer is gone
         sd = _read(layer, fetch)
-        if sd is None or not build:
-            continue
-        dst = f"{layers_prefix}{new_index}."
-        new_index += 1
-        for k, v in _slice_layer(fam, sd, ld, dense, decision.group, hk, hmu).items():
-            out[dst + k] = v
+        if sd is not None and build:
+            dst = f"{layers_prefix}{new_index}."
+            new_index += 1
+            for k, v in _slice_layer(fam, sd, ld, dense, decision.group, hk, hmu).items():
+                out[dst + k] = v
+        del sd  # one dense layer at a time: not this one alive while the next is fetched
 
     if not build:
         return None
