@@ -153,10 +153,11 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
                 pass
     finally:
         handle.remove()
-    tokens = sum(int(a[0].shape[0] * a[0].shape[1]) if a else 0 for a, _ in caught)
 
     def hidden_of(args, kwargs):
         return args[0] if args else kwargs["hidden_states"]
+
+    tokens = sum(hidden_of(a, k).shape[:-1].numel() for a, k in caught)
 
     def with_hidden(args, kwargs, h):
         return ((h, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
@@ -201,7 +202,7 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
         n_neurons_dense = decision.dense.layers[i].intermediate
         if 0 < len(heads) < n_heads_dense:
             ref = _reference(dense_layer, attn_path, fam.qkv, hk, full_hidden, fam.conv1d).to(device)
-            gram = gram_of(layer, ref, attn_path, fam.o, [(a_, k_) for a_, k_ in states])
+            gram = gram_of(layer, ref, attn_path, fam.o, states)
             q_heads = (heads.index.unsqueeze(1) * group + torch.arange(group)).flatten()
             q_ch = (q_heads.unsqueeze(1) * dh + torch.arange(dh)).flatten()
             out_scale = torch.full_like(hmu, a) if post else a * hmu
