@@ -27,6 +27,7 @@ from torch import nn
 
 from ..decision import Decision
 from ..models import base_model, family_of, get_module
+from .materialize import block_out_scale, query_channels
 
 log = logging.getLogger("vtrans")
 
@@ -203,9 +204,8 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
         if 0 < len(heads) < n_heads_dense:
             ref = _reference(dense_layer, attn_path, fam.qkv, hk, full_hidden, fam.conv1d).to(device)
             gram = gram_of(layer, ref, attn_path, fam.o, states)
-            q_heads = (heads.index.unsqueeze(1) * group + torch.arange(group)).flatten()
-            q_ch = (q_heads.unsqueeze(1) * dh + torch.arange(dh)).flatten()
-            out_scale = torch.full_like(hmu, a) if post else a * hmu
+            q_ch = query_channels(heads.index, group, dh)
+            out_scale = block_out_scale(post, hmu, a)
             w_ref = _weight_out_in(get_module(dense_layer, fam.o), fam.conv1d).detach().float().cpu()
             w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
             w_new = _refit(w_ref, gram.g.cpu(), q_ch, damp)
@@ -215,7 +215,7 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
         if 0 < len(neurons) < n_neurons_dense:
             ref = _reference(dense_layer, ffn_path, fam.ffn_in, hk, full_hidden, fam.conv1d).to(device)
             gram = gram_of(layer, ref, ffn_path, fam.ffn_out, states)
-            out_scale = torch.full_like(hmu, f) if post else f * hmu
+            out_scale = block_out_scale(post, hmu, f)
             w_ref = _weight_out_in(get_module(dense_layer, fam.ffn_out), fam.conv1d).detach().float().cpu()
             w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
             w_new = _refit(w_ref, gram.g.cpu(), neurons.index, damp)

@@ -194,6 +194,18 @@ def materialize(model, decision: Decision | None = None, dtype: torch.dtype | No
     return pruned.eval()
 
 
+def query_channels(kv_idx: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
+    """The q-projection output channels of the kept head units (each KV head with its `group` query heads)."""
+    q_heads = (kv_idx.unsqueeze(1) * group + torch.arange(group)).flatten()
+    return (q_heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def block_out_scale(post: bool, hmu: torch.Tensor, block_scale: float) -> torch.Tensor:
+    """What a block's output projection is scaled by per kept hidden channel: its block mask's mu, and under pre-norm
+    the hidden mask's too (post-norm folds that into the norm after the block)."""
+    return torch.full_like(hmu, block_scale) if post else block_scale * hmu
+
+
 def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: torch.Tensor) -> dict:
     """One kept layer's tensors, sliced and with the kept units' scales folded in (keys relative to the layer)."""
     post = fam.post_norm
@@ -202,8 +214,7 @@ def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: to
     kv_idx, kv_mu = ld.heads.index, ld.heads.scale.float()
     n_idx, n_mu = ld.neurons.index, ld.neurons.scale.float()
     a, f = ld.attention_scale, ld.ffn_scale
-    out_scale_attn = torch.full_like(hmu, a) if post else a * hmu
-    out_scale_ffn = torch.full_like(hmu, f) if post else f * hmu
+    out_scale_attn, out_scale_ffn = block_out_scale(post, hmu, a), block_out_scale(post, hmu, f)
 
     def norm(path: str, scale=None):
         for suffix in (".weight", ".bias"):
@@ -213,8 +224,7 @@ def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: to
                 layer_out[path + suffix] = t if scale is None else t.mul_(scale)
 
     if len(kv_idx):
-        q_heads = (kv_idx.unsqueeze(1) * group + torch.arange(group)).flatten()
-        q_ch = (q_heads.unsqueeze(1) * dh + torch.arange(dh)).flatten()
+        q_ch = query_channels(kv_idx, group, dh)
         kv_ch = (kv_idx.unsqueeze(1) * dh + torch.arange(dh)).flatten()
         head_scale = kv_mu.repeat_interleave(group * dh)
         if len(fam.qkv) == 3:
