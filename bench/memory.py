@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vtrans.hostmem import rss_bytes  # noqa: E402
+from vtrans.hostmem import anon_bytes, rss_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # random LLaMA shapes (GQA like the family), fp32 on the CPU
@@ -54,32 +54,60 @@ MB = 2 ** 20
 
 
 class PeakRSS:
-    """Samples this process's RSS every few milliseconds; `stage(name)` closes the previous stage's peak."""
+    """Samples this process's RSS and its anonymous part every few milliseconds; `stage(name)` closes the previous
+    stage's peaks (`peaks`, `peaks_anon`) and records where the next one starts (`starts`, `starts_anon`). A sample
+    read while a stage closes is dropped, not counted in the next stage (the sampler reads outside the lock)."""
 
     def __init__(self, interval: float = 0.002):
-        self.interval, self.peaks, self.starts = interval, {}, {}
-        self._name, self._peak, self._stop = None, 0, threading.Event()
+        self.interval, self.peaks, self.starts, self.peaks_anon, self.starts_anon = interval, {}, {}, {}, {}
+        self._name, self._peak, self._peak_anon, self._stop = None, 0, 0, threading.Event()
+        self._lock, self._generation = threading.Lock(), 0
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, rss_bytes())
+            generation = self._generation
+            rss, anon = rss_bytes(), anon_bytes()
+            with self._lock:
+                if generation == self._generation:  # still the stage it was read in
+                    self._peak, self._peak_anon = max(self._peak, rss), max(self._peak_anon, anon)
             time.sleep(self.interval)
 
     def stage(self, name: str | None) -> None:
-        now = rss_bytes()
-        if self._name is not None:
-            self.peaks[self._name] = max(self._peak, now)
-        self._name, self._peak = name, now
+        with self._lock:
+            now, now_anon = rss_bytes(), anon_bytes()
+            if self._name is not None:
+                self.peaks[self._name] = max(self._peak, now)
+                self.peaks_anon[self._name] = max(self._peak_anon, now_anon)
+            self._name, self._peak, self._peak_anon = name, now, now_anon
+            self._generation += 1
         if name is not None:
-            self.starts[name] = now
+            self.starts[name], self.starts_anon[name] = now, now_anon
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
     def close(self) -> None:
         self.stage(None)
         self._stop.set()
+
+
+def page_out_checkpoint() -> int:
+    """Ask the kernel to reclaim this process's resident pages of memory-mapped safetensors files (madvise
+    MADV_PAGEOUT, Linux 5.4+), as memory pressure from other work does: the next read faults them back in. Returns
+    the bytes of mappings advised, 0 where the kernel refuses."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(".safetensors"):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if libc.madvise(start, end - start, 21) == 0:  # MADV_PAGEOUT
+                    advised += end - start
+    return advised
 
 
 def save_random_model(shape: str, root: Path) -> Path:
@@ -101,11 +129,12 @@ def save_random_model(shape: str, root: Path) -> Path:
 
 def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128, live: int | None = None,
             checkpointing: bool = False, prefetch: int | None = None, variant: str = "faster",
-            sub_group: int | None = None, glibc_heap: bool = False) -> dict:
+            sub_group: int | None = None, glibc_heap: bool = False, page_out: bool = False) -> dict:
     """One Faster-VTrans step (`variant="vtrans"`: VTrans, weights trained with AdamW against a separate frozen
     teacher, loaded like the student), release, a 50 % decision, materialise and save, each stage's peak RSS.
     `live`: deepspeed.max_live_parameters and max_reuse_distance (default: vtrans's, DeepSpeed's 1e9).
-    `checkpointing`: optim.gradient_checkpointing, as the LLaMA-2-7B experiments set it."""
+    `checkpointing`: optim.gradient_checkpointing, as the LLaMA-2-7B experiments set it. `page_out`: reclaim the
+    memory-mapped checkpoint's pages before materialise (`page_out_checkpoint`), as memory pressure may."""
     from vtrans.config import Config
     from vtrans.engine import Processes, ShardedBuild, make_engine, processes
     from vtrans.masks.decide import Budget, decide
@@ -159,6 +188,7 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     engine.release()  # the optimizer state (moments; VTrans: gradients) and the teacher are freed here
     module = None
     decision = decide(mm, Budget("params_ratio", 0.5))
+    paged_out = page_out_checkpoint() if page_out else 0
     peak.stage("materialise")
     # as the prune job does: the dense model is not used again, so each ZeRO-3 partition goes once rank 0 has it
     pruned = materialize(mm, decision, fetch=functools.partial(engine.fetch, free=True), build=procs.is_main)
@@ -169,7 +199,7 @@ def measure(rank: int, model_dir: str, zero3: bool, out: str, seq_len: int = 128
     peak.close()
     pruned_bytes = sum(p.numel() * p.element_size() for p in pruned.parameters()) if pruned is not None else 0
     return {"rank": rank, "zero3": zero3, "variant": variant, "baseline": baseline, "peaks": peak.peaks,
-            "starts": peak.starts,
+            "starts": peak.starts, "peaks_anon": peak.peaks_anon, "starts_anon": peak.starts_anon, "paged_out": paged_out,
             "pruned_bytes": pruned_bytes, "dense_layer_bytes": dense_layer_bytes,
             "params": int(sum(getattr(p, "ds_numel", 0) or p.numel() for p in model.parameters()))}
 
@@ -210,15 +240,22 @@ def run_single(model_dir: Path, out: Path, **options) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def materialise_rise(r: dict) -> int:
+    """What materialise allocates: its peak anonymous memory over where it starts. Total RSS also counts pages of
+    the memory-mapped dense checkpoint (one process) that the kernel dropped under memory pressure and materialise's
+    reads fault back in: page cache, not memory the job holds, and up to the whole checkpoint depending on what else
+    runs on the machine."""
+    return r["peaks_anon"]["materialise"] - r["starts_anon"]["materialise"]
+
+
 def checks(single: dict, ranks: list[dict]) -> dict:
     """The two targets, as numbers: ZeRO-3 peak / one-process peak per rank; materialise's rise against its bound."""
     top = lambda r: max(r["peaks"].values())  # noqa: E731
     out = {"rss_ratio": [top(r) / top(single) for r in ranks]}
     for name, r in [("single", single)] + [(f"zero3_rank{r['rank']}", r) for r in ranks]:
-        rise = r["peaks"]["materialise"] - r["starts"]["materialise"]
-        bound = r["pruned_bytes"] + 1.5 * r["dense_layer_bytes"]
-        out[f"materialise_rise_{name}"] = rise
-        out[f"materialise_bound_{name}"] = bound
+        out[f"materialise_rise_{name}"] = materialise_rise(r)
+        out[f"materialise_rss_rise_{name}"] = r["peaks"]["materialise"] - r["starts"]["materialise"]
+        out[f"materialise_bound_{name}"] = r["pruned_bytes"] + 1.5 * r["dense_layer_bytes"]
     return out
 
 
@@ -280,8 +317,9 @@ def table(single: dict, ranks: list[dict], c: dict) -> str:
     lines.append(f"Model: {single['params'] / 1e6:,.0f}M parameters, fp32, {single.get('variant', 'faster')}; peak per rank under ZeRO-3 / one process: "
                  + ", ".join(f"{x:.2f}" for x in c["rss_ratio"]) + " (target <= 0.60).")
     for name in ["single"] + [f"zero3_rank{r['rank']}" for r in ranks]:
-        lines.append(f"Materialise ({name}): +{c[f'materialise_rise_{name}'] / MB:,.0f} MiB over its start; bound "
-                     f"(pruned model + 1.5 dense layers) {c[f'materialise_bound_{name}'] / MB:,.0f} MiB.")
+        lines.append(f"Materialise ({name}): +{c[f'materialise_rise_{name}'] / MB:,.0f} MiB of anonymous memory over its "
+                     f"start (RSS: +{c[f'materialise_rss_rise_{name}'] / MB:,.0f}); bound (pruned model + 1.5 dense "
+                     f"layers) {c[f'materialise_bound_{name}'] / MB:,.0f} MiB.")
     if "model_train_step" in c:
         lines.append(f"Memory model (the README's, fp32, {len(ranks)} ranks): {c['model_train_step'] / MB:,.0f} MiB per "
                      "rank for a train step (shard + 2 gathered layers); measured over each rank's start: "

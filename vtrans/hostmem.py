@@ -22,6 +22,20 @@ def rss_bytes() -> int:
         return 0
 
 
+def anon_bytes() -> int:
+    """This process's anonymous resident memory in bytes (RssAnon: what it allocated, without the file-backed pages of
+    memory-mapped checkpoints, which are page cache the kernel may drop and read back at will); `rss_bytes()` where
+    the kernel does not report it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss_bytes()
+
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
