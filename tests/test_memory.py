@@ -56,6 +56,15 @@ def test_the_memory_model_counts_zero3_shards(memory):
     assert "| 70B | VTrans, ZeRO-3 + offload |" in table
 
 
+def _probe(code: str, *args: str) -> list[str]:
+    """Run `code` in a fresh interpreter (a long-lived test process has heap memory already resident); its output
+    words."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO,
+                          check=True).stdout.split()
+
+
 _HEAP_PROBE = """
 import sys, torch
 from vtrans import hostmem
@@ -76,11 +85,7 @@ def test_capped_heap_returns_freed_blocks(mode):
     """vtrans.hostmem.cap_heap (every DeepSpeed job calls it first): after a large block is freed, glibc's own
     threshold serves 4 MiB blocks from the heap and keeps them resident when they are freed under a live one; with
     the cap each is its own mapping, returned when freed."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, cwd=REPO,
-                         check=True)
-    retained = float(out.stdout.split()[-1])
+    retained = float(_probe(_HEAP_PROBE, mode)[-1])
     if mode == "cap":
         assert retained < 40, retained  # the one live block and change
     else:
@@ -104,12 +109,8 @@ def test_anonymous_memory_counts_allocations_not_mapped_files(tmp_path):
     """vtrans.hostmem.anon_bytes (materialise's bound is on it) rises with a written allocation and not with reading
     a memory-mapped file, which rss_bytes counts. In a fresh process: a long-lived one may serve the allocation from
     heap memory that is already resident."""
-    import subprocess
-
     path = tmp_path / "blob"
     path.write_bytes(b"\1" * (64 << 20))
-    out = subprocess.run([sys.executable, "-c", _ANON_PROBE, str(path)], capture_output=True, text=True, cwd=REPO,
-                         check=True).stdout.split()
-    rss_read, anon_read, anon_alloc = (float(x) for x in out[-3:])
+    rss_read, anon_read, anon_alloc = (float(x) for x in _probe(_ANON_PROBE, str(path))[-3:])
     assert rss_read > 48 and anon_read < 16, (rss_read, anon_read)
     assert anon_alloc > 56, anon_alloc
