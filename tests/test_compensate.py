@@ -94,6 +94,55 @@ def test_compensation_brings_every_family_closer_to_the_dense_model(family, head
     assert after[1] < before[1] if (family != "llama" or not hidden_cut) else after[1] < 1.01 * before[1]
 
 
+def test_each_refitted_ffn_is_the_best_fit_to_its_dense_block_on_the_inputs_it_gets():
+    """In the compensated model, every cut FFN's output projection is the least-squares optimum (tiny ridge) against
+    the dense FFN on the very inputs that FFN receives, which come after every earlier refit: the error's gradient in
+    those weights vanishes, where the plain cut's does not."""
+    import copy
+    model = make_tiny("llama", "lm").eval()
+    dense = copy.deepcopy(model)
+    calibration = [_inputs(s) for s in range(4)]
+    mm = attach_masks(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
+            m.mu.fill_(1.0)
+        mm.hidden.log_sigma2.fill_(-9.0)  # every hidden channel kept: the blocks' outputs compare channel for channel
+    d = decide(mm, Budget("params_ratio", 0.7))
+    with mm.disabled():
+        pruned = materialize(mm, d)
+        cut = copy.deepcopy(pruned)
+        compensate(pruned, model, d, calibration, damp=1e-9)
+    checked = 0
+    for j, i in enumerate(d.kept_layers()):
+        if not 0 < len(d.layers[i].neurons) < d.dense.layers[i].intermediate:
+            continue
+        mlp, ref = pruned.model.layers[j].mlp, dense.model.layers[i].mlp
+        xs = []
+        hook = mlp.register_forward_pre_hook(lambda m, args: xs.append(args[0]))
+        with torch.no_grad():
+            for b in calibration:
+                pruned(**b)
+        hook.remove()
+        x = torch.cat(xs).double()
+        with torch.no_grad():
+            m64 = copy.deepcopy(mlp).double()
+            units = m64.act_fn(m64.gate_proj(x)) * m64.up_proj(x)
+            target = copy.deepcopy(ref).double()(x)
+
+        def gradient(w):
+            w = w.detach().double().requires_grad_()
+            (units @ w.t() - target).pow(2).sum().backward()
+            return w.grad.norm().item()
+
+        refitted = gradient(mlp.down_proj.weight)
+        plain = gradient(cut.model.layers[j].mlp.down_proj.weight)
+        assert refitted < 1e-3 * plain, (j, refitted, plain)
+        checked += 1
+    assert checked >= 2
+
+
 def test_an_unpruned_model_is_left_as_materialised():
     model = make_tiny("llama", "lm").eval()
     mm = attach_masks(model)
