@@ -180,6 +180,18 @@ def test_experiment_values_yield_to_the_command_line():
         "openai-community/gpt2"
 
 
+def test_the_default_data_compensates_and_the_zero3_groups_do_not():
+    default = load_config(_compose([]))
+    assert (default.mask.compensate, default.mask.compensate_blocks, default.mask.compensate_damp) == (True, 512, 0.1)
+    assert not load_config(_compose(["data=lee"])).mask.compensate  # the paper-protocol data keeps the schema's off
+    for group in ("zero3", "zero3_offload"):  # the refit needs the dense layers whole: these groups turn it off
+        cfg = load_config(_compose([f"deepspeed={group}"]))
+        assert cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and not cfg.mask.compensate
+    assert load_config(_compose(["deepspeed=zero2"])).mask.compensate
+    with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):  # asked for explicitly: refused early
+        load_config(_compose(["deepspeed=zero3", "mask.compensate=true"]))
+
+
 def test_a_typo_in_an_experiment_name_fails_listing_the_options():
     from hydra.errors import MissingConfigException
 
