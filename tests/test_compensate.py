@@ -178,6 +178,14 @@ def test_the_prune_job_saves_the_compensated_model(tiny_llama_dir, text_file, tm
     assert all(torch.equal(dict(a.named_parameters())[n], dict(b.named_parameters())[n]) for n in up)
 
 
+def test_the_refit_uses_each_training_sequence_once(tiny_llama_dir, text_file, tmp_path, caplog):
+    kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7, data__max_train_blocks=8)
+    with caplog.at_level("WARNING", logger="vtrans"):
+        refit = run(_cfg(tiny_llama_dir, tmp_path / "few", mask__compensate=True, mask__compensate_blocks=64, **kw))
+    assert refit["compensation_tokens"] == 8 * 32  # not 64 sequences: 8 of them eight times would fit the same
+    assert "mask.compensate_blocks=64, but the training data holds 8 sequences" in caplog.text
+
+
 @pytest.mark.parametrize("key,value,words", [("mask.compensate_blocks", 0, "compensate_blocks=0"),
                                              ("mask.compensate_damp", 0.0, "compensate_damp=0.0")])
 def test_bad_compensation_settings_fail_naming_the_key(key, value, words):

@@ -601,8 +601,12 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train) -> d
     place, so each block reproduces its dense block on mask.compensate_blocks training sequences
     (vtrans.masks.compensate)."""
     bs = cfg.optim.batch_size
-    batches = [b for _, b in zip(range(max(1, -(-cfg.mask.compensate_blocks // bs))),
-                                 endless(train, bs, cfg.optim.seed + 1))]
+    wanted = max(1, -(-cfg.mask.compensate_blocks // bs))
+    distinct = max(1, len(train) // bs)  # one pass over the training sequences: a repeated one changes nothing
+    if wanted > distinct:
+        log.warning("mask.compensate_blocks=%d, but the training data holds %d sequences: the refit uses those (a "
+                    "refit on few sequences fits them, not other text)", cfg.mask.compensate_blocks, len(train))
+    batches = [b for _, b in zip(range(min(wanted, distinct)), endless(train, bs, cfg.optim.seed + 1))]
     with stop_checks(pruned):
         return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp)
 
