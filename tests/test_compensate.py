@@ -186,6 +186,15 @@ def test_the_refit_uses_each_training_sequence_once(tiny_llama_dir, text_file, t
     assert "mask.compensate_blocks=64, but the training data holds 8 sequences" in caplog.text
 
 
+def test_fast_vtrans_refits_on_the_whole_training_data(tiny_llama_dir, text_file, tmp_path):
+    """Fast-VTrans trains on a few percent of the data; the refit, a stage with its own budget, draws from all of it."""
+    kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7)
+    fast = run(_cfg(tiny_llama_dir, tmp_path / "fast", mask__variant="fast", mask__compensate=True,
+                    mask__compensate_blocks=64, **kw))
+    trained_on = sum(s["blocks"] for s in fast["train_sources"])
+    assert trained_on < 64 and fast["compensation_tokens"] == 64 * 32, (trained_on, fast["compensation_tokens"])
+
+
 @pytest.mark.parametrize("key,value,words", [("mask.compensate_blocks", 0, "compensate_blocks=0"),
                                              ("mask.compensate_damp", 0.0, "compensate_damp=0.0")])
 def test_bad_compensation_settings_fail_naming_the_key(key, value, words):

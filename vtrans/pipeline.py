@@ -596,6 +596,16 @@ def calibration(train, cfg: Config) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- masks
 
 
+def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = None):
+    """The sequences the refit draws from: the job's whole training data. Fast-VTrans trains on a few percent of it,
+    but the refit is a stage of its own with its own budget (mask.compensate_blocks), the same for every method; on
+    its 34 training sequences (the default job's settings) the refit fits those and reads worse elsewhere. Called on
+    one process (the refit runs on rank 0): the token cache makes the whole set a read after the first job."""
+    if cfg.mask.variant != "fast":
+        return data.train
+    return prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
+
+
 def compensate(cfg: Config, pruned, dense_model, decision: Decision, train) -> dict:
     """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
     place, so each block reproduces its dense block on mask.compensate_blocks training sequences

@@ -106,7 +106,8 @@ def run(cfg: Config, out: Path) -> dict:
     pruned = P.materialise(cfg, mm, decision, fetch=fetch, build=procs.is_main, free=bool(sharded))
     compensation = {}
     if cfg.mask.compensate and procs.is_main:  # the dense layers are whole here (validation refuses ZeRO-3)
-        compensation = P.compensate(cfg, pruned.to(procs.device), model, decision, data.train)
+        compensation = P.compensate(cfg, pruned.to(procs.device), model, decision,
+                                    P.compensation_data(cfg, tokenizer, data, dense_model))
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)
