@@ -398,7 +398,8 @@ def _same_run(metrics: dict, model: dict, reference) -> None:
 
 
 @pytest.mark.parametrize("where", ["after training", pytest.param("warm start", marks=pytest.mark.slow),
-                                   pytest.param("dense evaluation", marks=pytest.mark.slow), "pruned evaluation"])
+                                   pytest.param("dense evaluation", marks=pytest.mark.slow), "compensation",
+                                   "pruned evaluation"])
 def test_a_stop_in_any_stage_exits_with_its_code_and_a_rerun_finishes(assets, tmp_path, monkeypatch, reference,
                                                                       where):
     """A stop (as by SIGINT) in each stage of the prune job: the job ends with 130; the rerun ends with the
@@ -409,6 +410,10 @@ def test_a_stop_in_any_stage_exits_with_its_code_and_a_rerun_finishes(assets, tm
         _stop_at_last_step(monkeypatch, 3)
     elif where == "warm start":
         monkeypatch.setattr(P, "score_masks", lambda *a, **k: (ckpt.request_stop(signal.SIGINT), real_score(*a, **k)))
+    elif where == "compensation":  # the default data refits the pruned blocks (layer by layer) before the model is saved
+        real_refit = P.refit_outputs
+        monkeypatch.setattr(P, "refit_outputs", lambda *a, **k: (ckpt.request_stop(signal.SIGINT),
+                                                                 real_refit(*a, **k))[1])
     else:
         from vtrans.models import is_pruned
 
@@ -425,7 +430,7 @@ def test_a_stop_in_any_stage_exits_with_its_code_and_a_rerun_finishes(assets, tm
     assert not (tmp_path / "metrics.json").exists()
     assert (tmp_path / "model").exists() == (where == "pruned evaluation")  # saved before it is evaluated
     monkeypatch.undo()
-    trained = where in ("after training", "pruned evaluation")
+    trained = where in ("after training", "compensation", "pruned evaluation")
     if trained:
         assert Checkpointer(tmp_path / "checkpoints").latest().name == "step-00000003"
         monkeypatch.setattr(Engine, "train_step", lambda *a: pytest.fail("trained again"))

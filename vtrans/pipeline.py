@@ -618,7 +618,8 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train) -> d
                     "refit on few sequences fits them, not other text)", cfg.mask.compensate_blocks, len(train))
     batches = [b for _, b in zip(range(min(wanted, distinct)), endless(train, bs, cfg.optim.seed + 1))]
     with stop_checks(pruned):
-        return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp)
+        return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
+                             check=ckpt.check_stop)  # the layers run one by one: a stop ends the refit between them
 
 
 def budget_of(cfg: Config) -> Budget:

@@ -117,10 +117,11 @@ def _model_inputs(batch: dict) -> dict:
 
 @torch.no_grad()
 def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, batches: list[dict],
-               damp: float = 0.01) -> dict:
+               damp: float = 0.01, check=None) -> dict:
     """Refit the attention and FFN output projections of `pruned` (materialised from `dense_model` by `decision`)
     in place on `batches` (model-input dicts) so each pruned block reproduces its dense block; returns what it did
-    (blocks refitted, tokens, seconds). `dense_model` is only read (its mask hooks, if any, are not run)."""
+    (blocks refitted, tokens, seconds). `dense_model` is only read (its mask hooks, if any, are not run). `check`,
+    when given, is called before each layer (a job's stop check: it raises to end the refit there)."""
     import time
 
     t0 = time.perf_counter()
@@ -207,6 +208,8 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
     refitted = {"attention": 0, "ffn": 0}
     states = caught
     for j, (layer, i) in enumerate(zip(layers, kept_layers)):
+        if check is not None:
+            check()
         ld, dense_layer = decision.layers[i], dense_layers[i]
         a, f = ld.attention_scale, ld.ffn_scale
         heads, neurons = ld.heads, ld.neurons
