@@ -180,16 +180,12 @@ def test_experiment_values_yield_to_the_command_line():
         "openai-community/gpt2"
 
 
-def test_the_default_data_compensates_and_the_zero3_groups_do_not():
+def test_the_default_data_carries_the_refit_settings_but_leaves_it_off():
     default = load_config(_compose([]))
-    assert (default.mask.compensate, default.mask.compensate_blocks, default.mask.compensate_damp) == (True, 512, 0.1)
-    assert not load_config(_compose(["data=lee"])).mask.compensate  # the paper-protocol data keeps the schema's off
-    assert all(load_config(_compose([f"mask={m}"])).mask.compensate for m in ("faster", "fast", "vtrans"))
-    for group in ("zero3", "zero3_offload"):  # the refit needs the dense layers whole: these groups turn it off
-        cfg = load_config(_compose([f"deepspeed={group}"]))
-        assert cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and not cfg.mask.compensate
-    assert load_config(_compose(["deepspeed=zero2"])).mask.compensate
-    with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):  # asked for explicitly: refused early
+    assert (default.mask.compensate, default.mask.compensate_blocks, default.mask.compensate_damp) == (False, 512, 0.1)
+    on = load_config(_compose(["mask=vtrans", "mask.compensate=true"]))
+    assert (on.mask.compensate, on.mask.compensate_blocks, on.mask.compensate_damp) == (True, 512, 0.1)
+    with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):  # refused before anything loads
         load_config(_compose(["deepspeed=zero3", "mask.compensate=true"]))
 
 
