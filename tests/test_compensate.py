@@ -1,6 +1,7 @@
 """Output compensation (vtrans.masks.compensate, mask.compensate): the refit is the least-squares optimum, it brings
 every family's pruned blocks closer to the dense ones on the calibration text (and the model's outputs on other
 text), it leaves an unpruned block alone, and the prune job saves the refitted model."""
+import copy
 import json
 
 import pytest
@@ -141,6 +142,37 @@ def test_each_refitted_ffn_is_the_best_fit_to_its_dense_block_on_the_inputs_it_g
         assert refitted < 1e-3 * plain, (j, refitted, plain)
         checked += 1
     assert checked >= 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_with_the_mask_scales_a_large_ridge_returns_the_materialised_model(family):
+    """The masks' own scales (not 1) on every unit: the refit's reference is the masked block, and its ridge pulls
+    towards the materialised weights; without the scales a large ridge resets the kept units' scales to 1."""
+    from vtrans.masks.compensate import mask_scales
+    model = make_tiny(family, "lm").eval()
+    calibration = [_inputs(s) for s in range(2)]
+    mm = attach_masks(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
+            m.mu.copy_(0.3 + torch.rand(m.n, generator=g))
+    d = decide(mm, Budget("params_ratio", 0.7))
+    with mm.disabled():
+        materialised = materialize(mm, d)
+        with_scales, without = copy.deepcopy(materialised), copy.deepcopy(materialised)
+        info = compensate(with_scales, model, d, calibration, damp=1e9, unit_scales=mask_scales(mm))
+        compensate(without, model, d, calibration, damp=1e9)
+    assert info["compensated_ffn"] > 0
+    ref = materialised.state_dict()
+    for k, v in with_scales.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(v, ref[k], rtol=1e-3, atol=1e-4) for k, v in without.state_dict().items())
+    # and with a small ridge the scaled reference still brings the blocks closer to the masked model's outputs
+    refit = copy.deepcopy(materialised)
+    with mm.disabled():
+        compensate(refit, model, d, calibration, damp=1e-6, unit_scales=mask_scales(mm))
+    assert any(not torch.allclose(v, ref[k]) for k, v in refit.state_dict().items())
 
 
 def test_an_unpruned_model_is_left_as_materialised():

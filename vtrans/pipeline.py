@@ -606,7 +606,7 @@ def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = 
     return prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
 
 
-def compensate(cfg: Config, pruned, dense_model, decision: Decision, train) -> dict:
+def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None) -> dict:
     """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
     place, so each block reproduces its dense block on mask.compensate_blocks training sequences
     (vtrans.masks.compensate)."""
@@ -619,7 +619,7 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train) -> d
     batches = [b for _, b in zip(range(min(wanted, distinct)), endless(train, bs, cfg.optim.seed + 1))]
     with stop_checks(pruned):
         return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
-                             check=ckpt.check_stop)  # the layers run one by one: a stop ends the refit between them
+                             check=ckpt.check_stop, unit_scales=scales)  # the layers run one by one: a stop ends the refit between them
 
 
 def budget_of(cfg: Config) -> Budget:

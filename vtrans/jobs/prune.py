@@ -23,6 +23,7 @@ from ..config import Config, training_fingerprint
 from ..decision import DECISION_FILE
 from ..engine import fit, make_engine
 from ..log import RunLogger, rows_from_decision
+from ..masks.compensate import mask_scales
 from ..masks.decide import check_reachable
 from ..models import shape_of
 from ..pruning import PruningModule
@@ -107,7 +108,7 @@ def run(cfg: Config, out: Path) -> dict:
     compensation = {}
     if cfg.mask.compensate and procs.is_main:  # the dense layers are whole here (validation refuses ZeRO-3)
         compensation = P.compensate(cfg, pruned.to(procs.device), model, decision,
-                                    P.compensation_data(cfg, tokenizer, data, dense_model))
+                                    P.compensation_data(cfg, tokenizer, data, dense_model), mask_scales(mm))
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)

@@ -111,17 +111,31 @@ def _refit(w_ref: torch.Tensor, g: torch.Tensor, kept: torch.Tensor, damp: float
     return w_s + delta.t()
 
 
+def mask_scales(mm) -> list[tuple]:
+    """Per dense layer of a MaskedModel: its KV-head and neuron masks' scales (`mu`, kept and removed units alike;
+    None where a structure is not masked), as `compensate` takes them."""
+    def mu(mask):
+        return None if mask is None else mask.mu.detach().float().cpu().clone()
+    return [(mu(lm.heads), mu(lm.neurons)) for lm in mm.layers]
+
+
 def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
 
 
 @torch.no_grad()
 def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, batches: list[dict],
-               damp: float = 0.01, check=None) -> dict:
+               damp: float = 0.01, check=None, unit_scales=None) -> dict:
     """Refit the attention and FFN output projections of `pruned` (materialised from `dense_model` by `decision`)
     in place on `batches` (model-input dicts) so each pruned block reproduces its dense block; returns what it did
     (blocks refitted, tokens, seconds). `dense_model` is only read (its mask hooks, if any, are not run). `check`,
-    when given, is called before each layer (a job's stop check: it raises to end the refit there)."""
+    when given, is called before each layer (a job's stop check: it raises to end the refit there).
+
+    `unit_scales` (one (kv-head scales, neuron scales) pair per dense layer, either None for 1; `mask_scales` reads
+    them off a MaskedModel) makes the reference the masked block: every unit, kept or removed, at its mask's scale.
+    The refit then reproduces the block the masks trained and its ridge pulls towards the materialised weights (the
+    kept units at their scales), so that a large `damp` returns the materialised model. Without them the reference
+    is the unmasked block and the kept units' scales are replaced (a large `damp` gives the cut at scale 1)."""
     import time
 
     t0 = time.perf_counter()
@@ -222,6 +236,8 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
             out_scale = block_out_scale(post, hmu, a)
             w_ref = _weight_out_in(get_module(dense_layer, fam.o), fam.conv1d).detach().float().cpu()
             w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
+            if unit_scales is not None and unit_scales[i][0] is not None:  # each KV head's scale on its query channels
+                w_ref = w_ref * unit_scales[i][0].float().cpu().repeat_interleave(group * dh).unsqueeze(0)
             w_new = _refit(w_ref, gram.g.cpu(), q_ch, damp)
             _set_weight(get_module(layer, fam.o), w_new.float().to(device), fam.conv1d)
             refitted["attention"] += 1
@@ -232,6 +248,8 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
             out_scale = block_out_scale(post, hmu, f)
             w_ref = _weight_out_in(get_module(dense_layer, fam.ffn_out), fam.conv1d).detach().float().cpu()
             w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
+            if unit_scales is not None and unit_scales[i][1] is not None:
+                w_ref = w_ref * unit_scales[i][1].float().cpu().unsqueeze(0)
             w_new = _refit(w_ref, gram.g.cpu(), neurons.index, damp)
             _set_weight(get_module(layer, fam.ffn_out), w_new.float().to(device), fam.conv1d)
             refitted["ffn"] += 1
