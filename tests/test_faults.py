@@ -212,6 +212,17 @@ def test_a_checkpoint_that_does_not_fit_fails_naming_path_bytes_needed_and_free(
     assert not list(disk.rglob(".tmp-*"))
 
 
+def test_a_free_space_error_survives_pickling():
+    """A submitit job's exception is pickled back to its launcher: a full disk must arrive as itself, message intact
+    (OSError pickles as (errno, strerror), which FreeSpaceError's one-argument constructor once refused)."""
+    import errno
+    import pickle
+
+    err = FreeSpaceError("not enough disk space to save the model to /x: needs about 1 MiB, 0 MiB free")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is FreeSpaceError and str(back) == str(err) and back.errno == errno.ENOSPC
+
+
 def test_a_save_the_disk_fills_during_is_removed_and_the_latest_stays(small_disk, monkeypatch, tmp_path):
     """The estimate is beaten (the preflight sees room; the real write runs out of it): the partial checkpoint is
     removed and the previous one stays the readable latest."""

@@ -166,6 +166,9 @@ class FreeSpaceError(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def __reduce__(self):  # OSError pickles as (errno, strerror): a submitit job's error must reach its launcher whole
+        return type(self), (self.strerror,)
+
 
 def _existing(path: Path) -> Path:
     path = Path(path).absolute()
