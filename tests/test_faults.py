@@ -421,7 +421,7 @@ def test_a_stop_in_any_stage_exits_with_its_code_and_a_rerun_finishes(assets, tm
         _stop_at_last_step(monkeypatch, 3)
     elif where == "warm start":
         monkeypatch.setattr(P, "score_masks", lambda *a, **k: (ckpt.request_stop(signal.SIGINT), real_score(*a, **k)))
-    elif where == "compensation":  # the default data refits the pruned blocks (layer by layer) before the model is saved
+    elif where == "compensation":  # the refit (turned on below) runs layer by layer before the model is saved
         real_refit = P.refit_outputs
         monkeypatch.setattr(P, "refit_outputs", lambda *a, **k: (ckpt.request_stop(signal.SIGINT),
                                                                  real_refit(*a, **k))[1])

@@ -608,8 +608,8 @@ def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = 
 
 def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None) -> dict:
     """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
-    place, so each block reproduces its dense block on mask.compensate_blocks training sequences
-    (vtrans.masks.compensate)."""
+    place, so each block reproduces its masked block (every unit at its mask's scale: `scales`, from
+    vtrans.masks.compensate.mask_scales; None: the unmasked block) on mask.compensate_blocks training sequences."""
     bs = cfg.optim.batch_size
     wanted = max(1, -(-cfg.mask.compensate_blocks // bs))
     distinct = max(1, len(train) // bs)  # one pass over the training sequences: a repeated one changes nothing
@@ -618,8 +618,9 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
                     "refit on few sequences fits them, not other text)", cfg.mask.compensate_blocks, len(train))
     batches = [b for _, b in zip(range(min(wanted, distinct)), endless(train, bs, cfg.optim.seed + 1))]
     with stop_checks(pruned):
+        # the layers run one by one: a stop ends the refit between them
         return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
-                             check=ckpt.check_stop, unit_scales=scales)  # the layers run one by one: a stop ends the refit between them
+                             check=ckpt.check_stop, unit_scales=scales)
 
 
 def budget_of(cfg: Config) -> Budget:
