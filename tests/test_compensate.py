@@ -42,6 +42,16 @@ def _outputs(model, x):
     return out.logits if hasattr(out, "logits") else torch.cat([out.start_logits, out.end_logits], -1)
 
 
+def _random_masks(mm, seed: int, mu=None) -> None:
+    """Spread every mask's log sigma^2 at random (so that a budget cuts a random-looking mix of units); mu 1, or
+    `mu(generator, n)` per mask."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
+            m.mu.copy_(mu(g, m.n) if mu else torch.ones(m.n))
+
+
 def test_the_refit_is_the_least_squares_fit_of_the_whole_projection():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
@@ -67,12 +77,9 @@ def test_compensation_brings_every_family_closer_to_the_dense_model(family, head
         dense_cal = [_outputs(model, b) for b in calibration]
         dense_other = _outputs(model, other)
     mm = attach_masks(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in mm.masks().values():
-            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
-            m.mu.fill_(1.0)
-        if not hidden_cut:
+    _random_masks(mm, 1)
+    if not hidden_cut:
+        with torch.no_grad():
             mm.hidden.log_sigma2.fill_(-9.0)
     d = decide(mm, Budget("params_ratio", 0.7))
     assert len(d.hidden) < d.dense.hidden if hidden_cut else len(d.hidden) == d.dense.hidden
@@ -99,16 +106,12 @@ def test_each_refitted_ffn_is_the_best_fit_to_its_dense_block_on_the_inputs_it_g
     """In the compensated model, every cut FFN's output projection is the least-squares optimum (tiny ridge) against
     the dense FFN on the very inputs that FFN receives, which come after every earlier refit: the error's gradient in
     those weights vanishes, where the plain cut's does not."""
-    import copy
     model = make_tiny("llama", "lm").eval()
     dense = copy.deepcopy(model)
     calibration = [_inputs(s) for s in range(4)]
     mm = attach_masks(model)
-    g = torch.Generator().manual_seed(1)
+    _random_masks(mm, 1)
     with torch.no_grad():
-        for m in mm.masks().values():
-            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
-            m.mu.fill_(1.0)
         mm.hidden.log_sigma2.fill_(-9.0)  # every hidden channel kept: the blocks' outputs compare channel for channel
     d = decide(mm, Budget("params_ratio", 0.7))
     with mm.disabled():
@@ -152,11 +155,7 @@ def test_with_the_mask_scales_a_large_ridge_returns_the_materialised_model(famil
     model = make_tiny(family, "lm").eval()
     calibration = [_inputs(s) for s in range(2)]
     mm = attach_masks(model)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in mm.masks().values():
-            m.log_sigma2.copy_(torch.randn(m.n, generator=g) * 3 - 1)
-            m.mu.copy_(0.3 + torch.rand(m.n, generator=g))
+    _random_masks(mm, 3, mu=lambda g, n: 0.3 + torch.rand(n, generator=g))
     d = decide(mm, Budget("params_ratio", 0.7))
     with mm.disabled():
         materialised = materialize(mm, d)
