@@ -3,6 +3,7 @@ every family's pruned blocks closer to the dense ones on the calibration text (a
 text), it leaves an unpruned block alone, and the prune job saves the refitted model."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.test_prune_job import _cfg
 from tests.tiny import make_tiny, save_tiny_with_tokenizer
-from vtrans.config import Config, load_config
+from vtrans.config import Config, MixSource, load_config
 from vtrans.jobs import run
 from vtrans.masks.attach import attach_masks
 from vtrans.masks.compensate import _refit, compensate
@@ -214,7 +215,41 @@ def test_the_refit_uses_each_training_sequence_once(tiny_llama_dir, text_file, t
     with caplog.at_level("WARNING", logger="vtrans"):
         refit = run(_cfg(tiny_llama_dir, tmp_path / "few", mask__compensate=True, mask__compensate_blocks=64, **kw))
     assert refit["compensation_tokens"] == 8 * 32  # not 64 sequences: 8 of them eight times would fit the same
-    assert "mask.compensate_blocks=64, but the training data holds 8 sequences" in caplog.text
+    assert "mask.compensate_blocks=64, but the refit's data (the training data) holds 8 distinct" in caplog.text
+
+
+def test_the_refit_drops_the_rows_a_mixture_repeats(tiny_llama_dir, tmp_path):
+    """A source smaller than its share of a mixture is repeated; the refit takes each distinct sequence once."""
+    import random
+    words = "the a news report said on monday that his her they minister police court market city".split()
+    rng = random.Random(0)
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"  # random words: no two blocks alike
+    for path, docs in ((big, 40), (small, 4)):  # one document per line
+        path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(150)) for _ in range(docs)))
+    mix = [MixSource(source=str(big), weight=1.0), MixSource(source=str(small), weight=1.0)]
+    m = run(_cfg(tiny_llama_dir, tmp_path / "mix", source=str(big), budget__count_embeddings=False,
+                 budget__target=0.7, data__mix=mix, mask__compensate=True, mask__compensate_blocks=4096))
+    blocks = {s["source"]: s["blocks"] for s in m["train_sources"]}
+    sequences = {s["source"]: s["sequences"] for s in m["train_sources"]}
+    assert sequences[str(small)] > blocks[str(small)]  # repeated in the training data
+    distinct = blocks[str(big)] + blocks[str(small)]
+    assert m["compensation_tokens"] == distinct // 2 * 2 * 32  # batches of 2 sequences of 32 tokens
+
+
+def test_the_refit_draws_from_mask_compensate_source(tiny_llama_dir, text_file, tmp_path, caplog):
+    """mask.compensate_source=teacher:N refits on the dense model's own samples, not the training text."""
+    kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7,
+              data__cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("WARNING", logger="vtrans"):
+        m = run(_cfg(tiny_llama_dir, tmp_path / "teacher", mask__compensate=True, mask__compensate_blocks=64,
+                     mask__compensate_source="teacher:6", **kw))
+    assert [s["source"] for s in m["train_sources"]] == [str(text_file)]
+    # six samples of 32 tokens, stored as text, re-tokenised and joined by EOS: a few 32-token blocks
+    found = re.search(r"but the refit's data \(teacher:6\) holds (\d+) distinct sequences", caplog.text)
+    assert found, caplog.text
+    assert 6 <= int(found.group(1)) <= 12
+    assert m["compensation_tokens"] == int(found.group(1)) // 2 * 2 * 32  # each once, in batches of two
+    assert any((tmp_path / "cache").rglob("*")), "the samples are cached"
 
 
 def test_fast_vtrans_refits_on_the_whole_training_data(tiny_llama_dir, text_file, tmp_path):

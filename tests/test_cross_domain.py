@@ -95,7 +95,12 @@ def test_mix_and_teacher_keys_compose_from_the_command_line():
     ({"eval": {"domains": {"w": "gensim:lee_background.cor"}}},
      r"eval.domains.w='gensim:lee_background.cor' is also data.source.*never used for calibration or training"),
     ({"data": {"mix": [{"source": "w.txt"}]}, "eval": {"domains": {"w": "w.txt"}}},
-     r"eval.domains.w='w.txt' is also data.source, data.eval_source or a data.mix source"),
+     r"eval.domains.w='w.txt' is also data.source, data.eval_source, a data.mix source or mask.compensate_source"),
+    ({"mask": {"compensate_source": "w.txt"}, "eval": {"domains": {"w": "w.txt"}}},
+     r"eval.domains.w='w.txt' is also .*mask.compensate_source"),
+    ({"mask": {"compensate_source": "teacher:0"}}, r"mask.compensate_source='teacher:0' is not accepted: a teacher"),
+    ({"model": {"task": "sequence_classification"}, "data": {"mix": []}, "mask": {"compensate_source": "a.txt"}},
+     r"mask.compensate_source='a.txt' cuts a source into token blocks for a causal LM"),
     ({"eval": {"domain_blocks": -1}}, r"eval.domain_blocks=-1 must be >= 0"),
     ({"distill": {"task_weight": 0, "logit_weight": 0}}, r"distill.task_weight, distill.logit_weight and "
                                                          r"distill.layer_weight are all 0: training would have nothing"),

@@ -211,6 +211,9 @@ class MaskConfig:
     compensate: bool = False  # after materialising, refit each pruned block's output projection to its dense block's
     #                           output on compensate_blocks training sequences (closed form; vtrans.masks.compensate)
     compensate_blocks: int = 128
+    compensate_source: str = ""  # what the refit draws its sequences from: "" the job's training data (each distinct
+    #                              sequence at most once); a data source (e.g. teacher:512) read whole, cut into
+    #                              data.seq_len blocks (causal LMs)
     compensate_damp: float = 0.01  # ridge on the kept units' Gram matrix, as a share of its mean diagonal
 
     def __post_init__(self):
@@ -233,6 +236,8 @@ class MaskConfig:
         if self.compensate_blocks < 1:
             raise ValueError(f"mask.compensate_blocks={self.compensate_blocks} must be >= 1 (training sequences the "
                              "output compensation fits on)")
+        if self.compensate_source.startswith("teacher:"):
+            _teacher_count("mask.compensate_source", self.compensate_source)
         if not self.compensate_damp > 0:
             raise ValueError(f"mask.compensate_damp={self.compensate_damp} must be > 0 (a share of the Gram matrix's "
                              "mean diagonal, e.g. 0.01)")
@@ -575,12 +580,17 @@ class Config:
             if teacher:
                 raise ValueError(f"{teacher[0]!r} (teacher samples) needs a causal LM, but model.task="
                                  f"{self.model.task}")
+            if self.mask.compensate_source:
+                raise ValueError(f"mask.compensate_source={self.mask.compensate_source!r} cuts a source into token "
+                                 f"blocks for a causal LM, but model.task={self.model.task}: set "
+                                 "mask.compensate_source='' (the refit draws from the training data)")
         training = set(self.data.training_sources())
         for name, source in self.eval.domains.items():
-            if source == self.data.source or source in training or source == self.data.eval_source:
-                raise ValueError(f"eval.domains.{name}={source!r} is also data.source, data.eval_source or a "
-                                 "data.mix source: a cross-domain evaluation must use text never used for calibration "
-                                 "or training")
+            if (source == self.data.source or source in training or source == self.data.eval_source
+                    or source == self.mask.compensate_source):
+                raise ValueError(f"eval.domains.{name}={source!r} is also data.source, data.eval_source, a "
+                                 "data.mix source or mask.compensate_source: a cross-domain evaluation must use text "
+                                 "never used for calibration or training")
         if self.model.task == "question_answering":
             if self.data.folds:
                 raise ValueError(f"data.folds={self.data.folds} is not supported for model.task=question_answering "

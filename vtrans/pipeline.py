@@ -597,25 +597,36 @@ def calibration(train, cfg: Config) -> list[dict]:
 
 
 def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = None):
-    """The sequences the refit draws from: the job's whole training data. Fast-VTrans trains on a few percent of it,
-    but the refit is a stage of its own with its own budget (mask.compensate_blocks), the same for every method; on
-    its 34 training sequences (the default job's settings) the refit fits those and reads worse elsewhere. Called on
-    one process (the refit runs on rank 0): the token cache makes the whole set a read after the first job."""
-    if cfg.mask.variant != "fast":
-        return data.train
-    return prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
+    """The sequences the refit draws from, each distinct one once. mask.compensate_source, when set, is read (teacher:N
+    sampled, or read from the sample cache) and cut into data.seq_len blocks; else the job's whole training data.
+    Fast-VTrans trains on a few percent of that, but the refit is a stage of its own with its own budget
+    (mask.compensate_blocks), the same for every method; on its 34 training sequences (the default job's settings) the
+    refit fits those and reads worse elsewhere. A mixture repeats the rows of a source smaller than its share (the
+    default data holds each of its 128 teacher samples about 4 times): repeats add nothing to a least-squares fit but
+    weight, so they are dropped. Called on one process (the refit runs on rank 0)."""
+    if cfg.mask.compensate_source:
+        rows = D.lm_blocks(tokenizer, list(source_documents(cfg, cfg.mask.compensate_source, dense)), cfg.data.seq_len)
+    elif cfg.mask.variant != "fast":
+        rows = data.train
+    else:
+        rows = prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
+    if isinstance(rows, torch.Tensor) and rows.ndim == 2 and len(rows):
+        rows = torch.unique(rows, dim=0)  # sorted: the refit draws them in a seeded order (see compensate)
+    return rows
 
 
 def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None) -> dict:
     """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
     place, so each block reproduces its masked block (every unit at its mask's scale: `scales`, from
-    vtrans.masks.compensate.mask_scales; None: the unmasked block) on mask.compensate_blocks training sequences."""
+    vtrans.masks.compensate.mask_scales; None: the unmasked block) on mask.compensate_blocks sequences of `train`
+    (compensation_data)."""
     bs = cfg.optim.batch_size
     wanted = max(1, -(-cfg.mask.compensate_blocks // bs))
-    distinct = max(1, len(train) // bs)  # one pass over the training sequences: a repeated one changes nothing
+    distinct = max(1, len(train) // bs)  # one pass over the sequences: a repeated one changes nothing
     if wanted > distinct:
-        log.warning("mask.compensate_blocks=%d, but the training data holds %d sequences: the refit uses those (a "
-                    "refit on few sequences fits them, not other text)", cfg.mask.compensate_blocks, len(train))
+        log.warning("mask.compensate_blocks=%d, but the refit's data (%s) holds %d distinct sequences: the refit uses "
+                    "those (a refit on few sequences fits them, not other text)", cfg.mask.compensate_blocks,
+                    cfg.mask.compensate_source or "the training data", len(train))
     batches = [b for _, b in zip(range(min(wanted, distinct)), endless(train, bs, cfg.optim.seed + 1))]
     with stop_checks(pruned):
         # the layers run one by one: a stop ends the refit between them
