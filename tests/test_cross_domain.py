@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from tests.tiny import save_tiny_with_tokenizer, tokenizer_dir
 from vtrans import cache, data as D, teacher
-from vtrans.config import Config, load_config
+from vtrans.config import load_config
 from vtrans.jobs import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
