@@ -455,6 +455,24 @@ def test_a_stop_in_any_stage_exits_with_its_code_and_a_rerun_finishes(assets, tm
     _same_run(metrics, digest(tmp_path / "model"), reference)
 
 
+def test_the_refit_settings_may_change_before_a_rerun_without_training_again(assets, tmp_path, monkeypatch,
+                                                                          reference):
+    """The output refit runs after training: a run stopped after training reruns with the refit turned on (or its
+    settings changed) from its end checkpoint, and refits the same decision."""
+    _stop_at_last_step(monkeypatch, 3)
+    with pytest.raises(Stopped):
+        prune(assets, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(Engine, "train_step", lambda *a: pytest.fail("trained again"))
+    metrics = prune(assets, tmp_path, "mask.compensate=true", "mask.compensate_damp=1.0")
+    assert metrics["compensated_ffn"] > 0
+    for key in ("final_loss", "ppl_dense", "shape_pruned"):
+        assert metrics[key] == reference[0][key], key
+    # a field training depends on still refuses the checkpoint, naming it
+    with pytest.raises(Exception, match=r"mask.beta"):
+        prune(assets, tmp_path, "mask.beta=1e-3")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. corrupted checkpoints
 

@@ -378,7 +378,7 @@ class Checkpointer:
     def check_config(self, fingerprint: dict) -> None:
         """Raise CheckpointError naming every differing field (old -> new) when the latest checkpoint was written
         under another training fingerprint."""
-        from .config import fingerprint_changes
+        from .config import training_changes
 
         saved = self.saved_fingerprint()
         if saved is None:
@@ -388,7 +388,7 @@ class Checkpointer:
             log.warning("checkpoint %s records no config fingerprint (written by an older vtrans): resuming it "
                         "unchecked", path)
             return
-        changes = fingerprint_changes(old, fingerprint)
+        changes = training_changes(old, fingerprint)
         if changes:
             raise CheckpointError(
                 f"{path} was written under another config; a checkpoint resumes only under the config that wrote "

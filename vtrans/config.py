@@ -614,6 +614,9 @@ TRAINING_FIELDS = {
     "finetune": ("job", "model", "model_dir", "data", "optim", "distill", "finetune", "deepspeed"),
 }
 EVALUATION_ONLY = ("data.max_eval_blocks", "data.eval_window", "data.eval_stride")
+# the output refit runs after training, on the materialised model: its settings may change before a rerun, which then
+# resumes the end checkpoint and refits again (tuning the refit does not retrain the masks)
+AFTER_TRAINING = ("mask.compensate", "mask.compensate_blocks", "mask.compensate_damp", "mask.compensate_source")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -640,7 +643,14 @@ def result_fingerprint(cfg: Config) -> dict:
 def training_fingerprint(cfg: Config) -> dict:
     """{dotted field: value} of the fields the job's training depends on; {} for jobs that do not train."""
     fields = TRAINING_FIELDS.get(cfg.job, ())
-    return {k: v for k, v in result_fingerprint(cfg).items() if _under(k, fields) and not _under(k, EVALUATION_ONLY)}
+    return {k: v for k, v in result_fingerprint(cfg).items()
+            if _under(k, fields) and not _under(k, EVALUATION_ONLY + AFTER_TRAINING)}
+
+
+def training_changes(old: dict, new: dict) -> list[str]:
+    """fingerprint_changes between two training fingerprints, leaving out the AFTER_TRAINING fields that checkpoints
+    written before 2026-12-01 still record."""
+    return fingerprint_changes({k: v for k, v in old.items() if not _under(k, AFTER_TRAINING)}, new)
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:

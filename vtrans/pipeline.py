@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from . import data as D
 from .accounting import flops_per_token, model_numel, param_count
 from .config import (TRAINING_FIELDS, Config, ModelConfig, fingerprint_changes, result_fingerprint,
-                     training_fingerprint)
+                     training_changes, training_fingerprint)
 from .decision import DECISION_FILE, Decision
 from .evaluation import (classification_metrics, lm_eval_metrics, perplexity, qa_metrics, regression_metrics)
 from .log import rows_from_counts
@@ -142,7 +142,7 @@ def output_conflicts(cfg: Config, out: Path) -> str:
             return (f"{checkpointer.root} holds the training checkpoints of another job (latest {path.name}); "
                     f"job={cfg.job} would write its results over that run's")
         if old:
-            found = fingerprint_changes(old, training_fingerprint(cfg))
+            found = training_changes(old, training_fingerprint(cfg))
             if found:
                 held.append(f"checkpoint {path}")
                 changes += found
@@ -154,7 +154,7 @@ def output_conflicts(cfg: Config, out: Path) -> str:
         else:
             finished = (out / "metrics.json").exists()
             if not finished and cfg.job in TRAINING_FIELDS and record.get("training"):
-                found = fingerprint_changes(record["training"], training_fingerprint(cfg))
+                found = training_changes(record["training"], training_fingerprint(cfg))
             else:
                 found = fingerprint_changes(record.get("config", {}), result_fingerprint(cfg))
             if found:
