@@ -210,6 +210,40 @@ def test_the_prune_job_saves_the_compensated_model(tiny_llama_dir, text_file, tm
     assert all(torch.equal(dict(a.named_parameters())[n], dict(b.named_parameters())[n]) for n in up)
 
 
+def test_a_refit_that_raises_the_loss_on_unseen_training_text_is_undone(tiny_llama_dir, text_file, tmp_path,
+                                                                         monkeypatch):
+    """The check: the refit must lower the next-token loss on training sequences it did not draw, else the
+    materialised weights come back, exactly."""
+    import vtrans.pipeline as P
+
+    kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7)
+    plain = run(_cfg(tiny_llama_dir, tmp_path / "plain", **kw))
+    real = P.refit_outputs
+
+    def harmful(pruned, *a, **k):  # a refit that wrecks the FFN output projections (large random weights)
+        info = real(pruned, *a, **k)
+        with torch.no_grad():
+            for n, p in pruned.named_parameters():
+                if "down_proj" in n:
+                    p.normal_(0.0, 1.0)
+        return info
+    monkeypatch.setattr(P, "refit_outputs", harmful)
+    m = run(_cfg(tiny_llama_dir, tmp_path / "bad", mask__compensate=True, mask__compensate_blocks=16, **kw))
+    assert m["compensation_kept"] is False and m["compensation_check_blocks"] == 64
+    assert m["compensation_check_nll_after"] > m["compensation_check_nll_before"]
+    assert m["ppl_pruned"] == plain["ppl_pruned"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain" / "model", trust_remote_code=True)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "bad" / "model", trust_remote_code=True)
+    for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), n
+    monkeypatch.undo()
+    good = run(_cfg(tiny_llama_dir, tmp_path / "good", mask__compensate=True, mask__compensate_blocks=16, **kw))
+    assert good["compensation_kept"] is (good["compensation_check_nll_after"] < good["compensation_check_nll_before"])
+    off = run(_cfg(tiny_llama_dir, tmp_path / "off", mask__compensate=True, mask__compensate_blocks=16,
+                   mask__compensate_guard_blocks=0, **kw))
+    assert off["compensated_ffn"] > 0 and "compensation_kept" not in off
+
+
 def test_the_refit_uses_each_training_sequence_once(tiny_llama_dir, text_file, tmp_path, caplog):
     kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7, data__max_train_blocks=8)
     with caplog.at_level("WARNING", logger="vtrans"):
@@ -262,6 +296,7 @@ def test_fast_vtrans_refits_on_the_whole_training_data(tiny_llama_dir, text_file
 
 
 @pytest.mark.parametrize("key,value,words", [("mask.compensate_blocks", 0, "compensate_blocks=0"),
+                                             ("mask.compensate_guard_blocks", -1, "compensate_guard_blocks=-1"),
                                              ("mask.compensate_damp", 0.0, "compensate_damp=0.0")])
 def test_bad_compensation_settings_fail_naming_the_key(key, value, words):
     from omegaconf import OmegaConf

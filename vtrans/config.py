@@ -211,6 +211,8 @@ class MaskConfig:
     compensate: bool = False  # after materialising, refit each pruned block's output projection to its dense block's
     #                           output on compensate_blocks training sequences (closed form; vtrans.masks.compensate)
     compensate_blocks: int = 128
+    compensate_guard_blocks: int = 64  # causal LMs: training sequences the refit did not draw on which it must lower
+    #                                    the next-token loss, else it is undone (0: unchecked)
     compensate_source: str = ""  # what the refit draws its sequences from: "" the job's training data (each distinct
     #                              sequence at most once); a data source (e.g. teacher:512) read whole, cut into
     #                              data.seq_len blocks (causal LMs)
@@ -238,6 +240,9 @@ class MaskConfig:
                              "output compensation fits on)")
         if self.compensate_source.startswith("teacher:"):
             _teacher_count("mask.compensate_source", self.compensate_source)
+        if self.compensate_guard_blocks < 0:
+            raise ValueError(f"mask.compensate_guard_blocks={self.compensate_guard_blocks} must be >= 0 (training "
+                             "sequences the refit is checked on; 0: unchecked)")
         if not self.compensate_damp > 0:
             raise ValueError(f"mask.compensate_damp={self.compensate_damp} must be > 0 (a share of the Gram matrix's "
                              "mean diagonal, e.g. 0.01)")
@@ -616,7 +621,8 @@ TRAINING_FIELDS = {
 EVALUATION_ONLY = ("data.max_eval_blocks", "data.eval_window", "data.eval_stride")
 # the output refit runs after training, on the materialised model: its settings may change before a rerun, which then
 # resumes the end checkpoint and refits again (tuning the refit does not retrain the masks)
-AFTER_TRAINING = ("mask.compensate", "mask.compensate_blocks", "mask.compensate_damp", "mask.compensate_source")
+AFTER_TRAINING = ("mask.compensate", "mask.compensate_blocks", "mask.compensate_damp", "mask.compensate_source",
+                  "mask.compensate_guard_blocks")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -596,30 +596,42 @@ def calibration(train, cfg: Config) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- masks
 
 
-def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = None):
+def training_rows(cfg: Config, tokenizer, data: Data, dense: Dense | None = None):
+    """The job's whole training data: data.train, or for Fast-VTrans (which trains on a few percent of it) all of it
+    (the token cache makes that a read after the first job)."""
+    if cfg.mask.variant != "fast":
+        return data.train
+    return prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
+
+
+def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = None, rows=None):
     """The sequences the refit draws from, each distinct one once. mask.compensate_source, when set, is read (teacher:N
-    sampled, or read from the sample cache) and cut into data.seq_len blocks; else the job's whole training data.
-    Fast-VTrans trains on a few percent of that, but the refit is a stage of its own with its own budget
-    (mask.compensate_blocks), the same for every method; on its 34 training sequences (the default job's settings) the
-    refit fits those and reads worse elsewhere. A mixture repeats the rows of a source smaller than its share (the
-    default data holds each of its 128 teacher samples about 4 times): repeats add nothing to a least-squares fit but
-    weight, so they are dropped. Called on one process (the refit runs on rank 0)."""
+    sampled, or read from the sample cache) and cut into data.seq_len blocks; else the job's whole training data
+    (`rows`, else training_rows). Fast-VTrans trains on a few percent of that, but the refit is a stage of its own with
+    its own budget (mask.compensate_blocks), the same for every method; on its 34 training sequences (the default
+    job's settings) the refit fits those and reads worse elsewhere. A mixture repeats the rows of a source smaller
+    than its share (the default data holds each of its 128 teacher samples about 4 times): repeats add nothing to a
+    least-squares fit but weight, so they are dropped. Called on one process (the refit runs on rank 0)."""
     if cfg.mask.compensate_source:
         rows = D.lm_blocks(tokenizer, list(source_documents(cfg, cfg.mask.compensate_source, dense)), cfg.data.seq_len)
-    elif cfg.mask.variant != "fast":
-        rows = data.train
-    else:
-        rows = prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
+    elif rows is None:
+        rows = training_rows(cfg, tokenizer, data, dense)
     if isinstance(rows, torch.Tensor) and rows.ndim == 2 and len(rows):
         rows = torch.unique(rows, dim=0)  # sorted: the refit draws them in a seeded order (see compensate)
     return rows
 
 
-def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None) -> dict:
+def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None, guard=None) -> dict:
     """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
     place, so each block reproduces its masked block (every unit at its mask's scale: `scales`, from
     vtrans.masks.compensate.mask_scales; None: the unmasked block) on mask.compensate_blocks sequences of `train`
-    (compensation_data)."""
+    (compensation_data).
+
+    `guard` (causal LMs: the job's training token blocks) holds the text the refit is checked on: up to
+    mask.compensate_guard_blocks of its rows that the refit did not draw. The pruned model's next-token loss on them
+    is measured before and after the refit, and the refit is undone when it does not lower it: a refit fits its own
+    sequences' activations, and where the masks have adapted to the cut (a deep cut) it can read worse on other
+    text. 0 blocks (or no rows left) keeps the refit unchecked."""
     bs = cfg.optim.batch_size
     wanted = max(1, -(-cfg.mask.compensate_blocks // bs))
     distinct = max(1, len(train) // bs)  # one pass over the sequences: a repeated one changes nothing
@@ -628,10 +640,50 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
                     "those (a refit on few sequences fits them, not other text)", cfg.mask.compensate_blocks,
                     cfg.mask.compensate_source or "the training data", len(train))
     batches = [b for _, b in zip(range(min(wanted, distinct)), endless(train, bs, cfg.optim.seed + 1))]
+    check = _guard_rows(cfg, guard, batches)
+    before, saved = None, None
+    if check is not None:
+        before = perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]
+        saved = {n: p.detach().clone() for n, p in pruned.named_parameters() if _refitted(pruned, n)}
     with stop_checks(pruned):
         # the layers run one by one: a stop ends the refit between them
-        return refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
+        info = refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
                              check=ckpt.check_stop, unit_scales=scales)
+    if check is None:
+        return info
+    after = perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]
+    kept = after < before
+    if not kept:
+        params = dict(pruned.named_parameters())
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+    log.info("compensation check on %d training sequences the refit did not draw: loss %.4f before, %.4f after the "
+             "refit: %s", len(check), before, after, "kept" if kept else "undone (the materialised weights stay)")
+    return {**info, "compensation_check_blocks": len(check), "compensation_check_nll_before": before,
+            "compensation_check_nll_after": after, "compensation_kept": kept}
+
+
+def _refitted(model, name: str) -> bool:
+    """Whether parameter `name` belongs to a projection the refit writes (attention's and the FFN's output)."""
+    fam = family_of(model)
+    return name.endswith((f"{fam.o}.weight", f"{fam.ffn_out}.weight"))
+
+
+def _guard_rows(cfg: Config, guard, batches: list[dict]):
+    """Up to mask.compensate_guard_blocks rows of `guard` that no refit batch holds (seeded), or None."""
+    n = cfg.mask.compensate_guard_blocks
+    if not n or guard is None or not isinstance(guard, torch.Tensor) or guard.ndim != 2:
+        return None
+    used = {tuple(r.tolist()) for b in batches for r in b["input_ids"]}
+    rows = torch.unique(guard, dim=0)
+    free = [i for i, r in enumerate(rows) if tuple(r.tolist()) not in used]
+    if not free:
+        log.warning("mask.compensate_guard_blocks=%d, but the refit drew every training sequence: the refit is kept "
+                    "unchecked", n)
+        return None
+    order = torch.randperm(len(free), generator=torch.Generator().manual_seed(cfg.optim.seed + 2))[:n]
+    return rows[torch.tensor([free[i] for i in order.tolist()])]
 
 
 def budget_of(cfg: Config) -> Budget:

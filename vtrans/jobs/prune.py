@@ -107,8 +107,10 @@ def run(cfg: Config, out: Path) -> dict:
     pruned = P.materialise(cfg, mm, decision, fetch=fetch, build=procs.is_main, free=bool(sharded))
     compensation = {}
     if cfg.mask.compensate and procs.is_main:  # the dense layers are whole here (validation refuses ZeRO-3)
+        rows = P.training_rows(cfg, tokenizer, data, dense_model)
         compensation = P.compensate(cfg, pruned.to(procs.device), model, decision,
-                                    P.compensation_data(cfg, tokenizer, data, dense_model), mask_scales(mm))
+                                    P.compensation_data(cfg, tokenizer, data, dense_model, rows), mask_scales(mm),
+                                    guard=rows if cfg.model.task == "causal_lm" else None)
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)
