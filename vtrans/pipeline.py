@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from hydra.experimental.callback import Callback
 
-from . import cache, teacher
+from . import cache, evaluation, teacher
 from . import checkpoint as ckpt
 from . import data as D
 from .accounting import flops_per_token, model_numel, param_count
@@ -643,7 +643,7 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
     check = _guard_rows(cfg, guard, batches)
     before, saved = None, None
     if check is not None:
-        before = perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]
+        before = evaluation.perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]  # not the eval stage
         saved = {n: p.detach().clone() for n, p in pruned.named_parameters() if _refitted(pruned, n)}
     with stop_checks(pruned):
         # the layers run one by one: a stop ends the refit between them
@@ -651,7 +651,7 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
                              check=ckpt.check_stop, unit_scales=scales)
     if check is None:
         return info
-    after = perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]
+    after = evaluation.perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]
     kept = after < before
     if not kept:
         params = dict(pruned.named_parameters())
