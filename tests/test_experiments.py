@@ -180,20 +180,19 @@ def test_experiment_values_yield_to_the_command_line():
         "openai-community/gpt2"
 
 
-def test_the_default_data_refits_on_teacher_samples_and_checks_the_refit():
+def test_the_default_data_carries_the_refit_settings_but_leaves_it_off():
     default = load_config(_compose([]))
     m = default.mask
     assert (m.compensate, m.compensate_source, m.compensate_blocks, m.compensate_damp, m.compensate_guard_blocks) == \
-        (True, "teacher:256", 256, 0.1, 64)
-    off = load_config(_compose(["mask.compensate=false"]))
-    assert not off.mask.compensate
+        (False, "teacher:256", 256, 0.1, 64)
+    assert load_config(_compose(["mask.compensate=true"])).mask.compensate
     for group in ("zero3", "zero3_offload"):  # the ZeRO-3 groups turn the refit off (the dense layers are sharded)
         z3 = load_config(_compose([f"deepspeed={group}"]))
         assert (z3.deepspeed.enabled, z3.deepspeed.stage, z3.mask.compensate) == (True, 3, False)
     with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):  # refused before anything loads
         load_config(_compose(["deepspeed=zero3", "mask.compensate=true"]))
     with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):
-        load_config(_compose(["deepspeed.enabled=true", "deepspeed.stage=3"]))
+        load_config(_compose(["deepspeed.enabled=true", "deepspeed.stage=3", "mask.compensate=true"]))
 
 
 def test_a_typo_in_an_experiment_name_fails_listing_the_options():
