@@ -561,8 +561,7 @@ class Config:
                              "budget.multiple_of=1 or export_uniform=false")
         if self.mask.compensate and self.deepspeed.enabled and self.deepspeed.stage == 3:
             raise ValueError("mask.compensate=true refits the pruned model against the dense layers, which ZeRO-3 "
-                             "keeps partitioned over the ranks: use deepspeed.stage 0-2 or mask.compensate=false (the "
-                             "default data turns the refit on; the deepspeed=zero3 group turns it off)")
+                             "keeps partitioned over the ranks: use deepspeed.stage 0-2 or mask.compensate=false")
         if self.data.streaming and self.model.task != "causal_lm":
             raise ValueError(f"data.streaming=true is for causal LM token blocks; model.task={self.model.task} reads "
                              "its examples whole: set data.streaming=false")

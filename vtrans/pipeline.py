@@ -644,7 +644,9 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
     before, saved = None, None
     if check is not None:
         before = evaluation.perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]  # not the eval stage
-        saved = {n: p.detach().clone() for n, p in pruned.named_parameters() if _refitted(pruned, n)}
+        fam = family_of(pruned)  # the projections the refit writes: attention's and the FFN's output
+        written = (f"{fam.o}.weight", f"{fam.ffn_out}.weight")
+        saved = {n: p.detach().clone() for n, p in pruned.named_parameters() if n.endswith(written)}
     with stop_checks(pruned):
         # the layers run one by one: a stop ends the refit between them
         info = refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
@@ -662,12 +664,6 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
              "refit: %s", len(check), before, after, "kept" if kept else "undone (the materialised weights stay)")
     return {**info, "compensation_check_blocks": len(check), "compensation_check_nll_before": before,
             "compensation_check_nll_after": after, "compensation_kept": kept}
-
-
-def _refitted(model, name: str) -> bool:
-    """Whether parameter `name` belongs to a projection the refit writes (attention's and the FFN's output)."""
-    fam = family_of(model)
-    return name.endswith((f"{fam.o}.weight", f"{fam.ffn_out}.weight"))
 
 
 def _guard_rows(cfg: Config, guard, batches: list[dict]):
