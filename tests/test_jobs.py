@@ -127,6 +127,10 @@ def pruned_llama(assets, tmp_path_factory):
     (["eval.lm_eval_include_path=/tasks"], "eval.lm_eval_include_path is set but eval.lm_eval_tasks is empty"),
     (["data.eval_window=64", "data.eval_stride=64"], r"data.eval_stride=64 must be in \[1, data.eval_window=64\)"),
     (["finetune.lr=0"], r"finetune.lr=0.0 must be > 0"),
+    (["finetune.schedule=step"], r"finetune.schedule='step' is not one of constant, linear, cosine"),
+    (["finetune.steps=10", "finetune.warmup_steps=10"], r"finetune.warmup_steps=10 leaves no step after the "
+                                                          r"warm-up of finetune.steps=10; choose fewer than 10"),
+    (["finetune.warmup_steps=-1"], r"finetune.warmup_steps=-1 must be >= 0"),
     (["probe.max_examples=0"], "probe.max_examples=0"),
     (["eval.qa_doc_stride=0"], r"eval.qa_doc_stride=0 must be >= 1"),
     (["eval.protocol=rolling"], r"eval.protocol='rolling' is not accepted; choose one of \['', 'blocks', "
@@ -342,7 +346,9 @@ def test_finetune_recovers_a_pruned_model_and_saves_it(pruned_llama, assets, tmp
 
     prune_out, pm = pruned_llama
     m = run(compose_cfg(lm_overrides(assets, tmp_path, "job=finetune", f"model_dir={prune_out / 'model'}",
-                                     "finetune.steps=6", "finetune.lr=0.01", "finetune.batch_size=4")))
+                                     "finetune.steps=6", "finetune.lr=0.01", "finetune.batch_size=4",
+                                     "finetune.schedule=linear", "finetune.warmup_steps=2")))
+    assert m["finetune_last_lr"] == pytest.approx(0.01 * (1 - 3 / 4))  # the last of 4 linearly decaying steps
     assert m["ppl_before"] == pytest.approx(pm["ppl_pruned"], rel=1e-4)
     assert m["ppl_after"] < m["ppl_before"]  # recovery training on real text lowers held-out perplexity
     assert m["objective_name"] == "ppl_after" and m["params"] == pm["params_pruned"]

@@ -16,7 +16,7 @@ import torch
 from tests.test_distributed import build, mask_state, spawn, token_data, train
 from vtrans import checkpoint as ckpt
 from vtrans.checkpoint import Checkpointer, Preempted, batch_stream
-from vtrans.engine import Engine
+from vtrans.engine import Engine, _strip_names, fit, lr_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP_AT = 6, 3
@@ -80,6 +80,49 @@ def test_single_process_resume_equals_uninterrupted(tmp_path, uninterrupted):
     _assert_same_masks(module, ref_masks)
     initial = mask_state(build(log_sigma2=NOISY)[1])
     assert not torch.allclose(ref_masks[NEURONS], initial[NEURONS])  # the masks did train
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero_after_the_last_step():
+    cos, lin, const = (lr_schedule(k, 10, warmup_steps=2) for k in ("cosine", "linear", "constant"))
+    for f in (cos, lin, const):
+        assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]  # the ramp, then the peak
+    assert const(9) == 1.0
+    assert lin(6) == pytest.approx(0.5) and cos(6) == pytest.approx(0.5)  # half way through the 8 decaying steps
+    for f in (cos, lin):
+        factors = [f(s) for s in range(2, 10)]
+        assert factors == sorted(factors, reverse=True)
+    assert lin(9) == pytest.approx(1 / 8) and 0 < cos(9) < lin(9)  # the last step still moves the weights
+    with pytest.raises(ValueError, match=r"schedule 'step' is not one of constant, linear, cosine"):
+        lr_schedule("step", 10)
+
+
+def _run_scheduled(root: Path, stop_at: int | None = None):
+    mm, module, groups = build(log_sigma2=NOISY)
+    engine = Engine(module, groups, grad_accum=2, seed=0)
+    rates = {}
+
+    def on_log(step, stats):
+        rates[step] = {k: v for k, v in stats.items() if k.startswith("lr/")}
+        if step == stop_at:
+            ckpt.request_stop()
+
+    history = fit(engine, lambda start: batch_stream(token_data(), 4, 0, start), STEPS, 2, progress=False,
+                  checkpointer=Checkpointer(root, every=2), on_log=on_log, log_every=1,
+                  lr_factor=lr_schedule("cosine", STEPS, warmup_steps=2))
+    return module, history, rates, {n: g["lr"] for n, g in zip(*_strip_names(groups))}
+
+
+def test_a_resumed_run_continues_the_learning_rate_schedule(tmp_path):
+    module, history, rates, base = _run_scheduled(tmp_path / "whole")
+    factor = lr_schedule("cosine", STEPS, warmup_steps=2)
+    for step, logged in rates.items():  # what each step used: the group's own lr times the schedule's factor
+        assert logged == {f"lr/{n}": pytest.approx(lr * factor(step - 1)) for n, lr in base.items()}
+    with pytest.raises(Preempted):
+        _run_scheduled(tmp_path / "cut", stop_at=STOP_AT)
+    resumed, resumed_history, resumed_rates, _ = _run_scheduled(tmp_path / "cut")
+    assert [h["loss"] for h in resumed_history] == [h["loss"] for h in history]
+    assert resumed_rates == {s: r for s, r in rates.items() if s > STOP_AT}
+    _assert_same_masks(resumed, mask_state(module))
 
 
 def test_checkpoints_keep_the_newest_and_point_to_the_latest(uninterrupted):

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .shape import STRUCTURES
 
 JOBS = ("prune", "finetune", "evaluate", "export", "probe")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -324,8 +325,10 @@ class FinetuneConfig:
     teacher (`model`) with the `distill` weights; data, gradient accumulation, clipping and logging from `data`
     and `optim`."""
     steps: int = 0  # 0 = no recovery fine-tuning after pruning; job=finetune needs >= 1
-    lr: float = 5e-5
+    lr: float = 5e-5  # the peak learning rate
     batch_size: int = 4
+    schedule: str = "constant"  # the learning rate over the steps: constant | linear | cosine (decays to 0 at the end)
+    warmup_steps: int = 0  # a linear ramp from lr / warmup_steps to lr over the first steps, before the schedule
 
     def __post_init__(self):
         if self.steps < 0:
@@ -334,6 +337,13 @@ class FinetuneConfig:
             raise ValueError(f"finetune.lr={self.lr} must be > 0")
         if self.batch_size < 1:
             raise ValueError(f"finetune.batch_size={self.batch_size} must be >= 1")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(f"finetune.schedule={self.schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"finetune.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.steps and self.warmup_steps >= self.steps:
+            raise ValueError(f"finetune.warmup_steps={self.warmup_steps} leaves no step after the warm-up of "
+                             f"finetune.steps={self.steps}; choose fewer than {self.steps}")
 
 
 @dataclass

@@ -170,6 +170,7 @@ class Engine:
         self.module = module
         self.names, groups = _strip_names(param_groups)
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        self._base_lrs = [[g["lr"] for g in self.optimizer.param_groups]]
         self.grad_accum, self.clip = grad_accum, clip
         # gradients are clipped per side, as a DeepSpeed engine does: the replicated tensors (masks, multipliers) by
         # their own norm, the rest (weights, the distillation map) by theirs
@@ -196,6 +197,17 @@ class Engine:
 
     def learning_rates(self) -> dict[str, float]:
         return {f"lr/{n}": g["lr"] for n, g in zip(self.names, self.optimizer.param_groups)}
+
+    def _optimizers(self) -> list:
+        return [self.optimizer]
+
+    def scale_learning_rates(self, factor: float) -> None:
+        """Every group's learning rate set to `factor` times the one it was built with (a schedule's step; a
+        function of the step alone, so a resumed run continues it whatever the checkpoint's optimizer held)."""
+        for optimizer, base in zip(self._optimizers(), self._base_lrs):
+            if optimizer is not None:
+                for g, lr in zip(optimizer.param_groups, base):
+                    g["lr"] = lr * factor
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
@@ -492,6 +504,8 @@ class DeepSpeedEngine(Engine):
                                                            model_parameters=groups or None, config=self.config)
         # DeepSpeed's optimizer over its groups; None when it trains nothing (it may still hold a parameter offloader)
         self.optimizer = ds_optimizer if groups else None
+        self._base_lrs = [[g["lr"] for g in o.param_groups] if o is not None else []
+                          for o in self._optimizers()]
         self._offload = ds_optimizer if not groups else getattr(ds_optimizer, "parameter_offload", None)
         self.params = [p for g in groups for p in g["params"]]
         self.teacher = teacher if teacher is not None else _separate_teacher(module)
@@ -514,6 +528,9 @@ class DeepSpeedEngine(Engine):
             rates.update({f"lr/{n}": g["lr"]
                           for n, g in zip(self.replicated_names, self.replicated_optimizer.param_groups)})
         return rates
+
+    def _optimizers(self) -> list:
+        return [self.optimizer, self.replicated_optimizer]
 
     def local_slice(self, batch):
         """This rank's rows of a global batch."""
@@ -837,10 +854,30 @@ def make_engine(module: nn.Module, param_groups: list[dict], cfg, procs: Process
 # the training loop
 
 
+def lr_schedule(kind: str, steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    """The factor on the learning rate for the optimizer step with index `step` (0-based) of `steps`: a linear
+    warm-up from 1 / warmup_steps to 1 over the first `warmup_steps`, then constant, or a linear or cosine decay that
+    reaches 0 one step after the last (so the last step still moves the weights)."""
+    from .config import LR_SCHEDULES
+
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {kind!r} is not one of {', '.join(LR_SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]], steps: int, grad_accum: int,
         on_log: Callable[[int, dict], None] | None = None, log_every: int = 10, progress: bool = True,
         desc: str = "prune", checkpointer=None, on_step: Callable[[int], None] | None = None,
-        end_reserve: int = 0) -> list[dict]:
+        end_reserve: int = 0, lr_factor: Callable[[int], float] | None = None) -> list[dict]:
     """Run `steps` optimizer steps of `grad_accum` micro-batches; returns the per-step stats.
 
     `batches` is an iterator of global micro-batches, or a function of a sample offset returning one (so that a
@@ -850,7 +887,8 @@ def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]
     spares a rerun the training when the job stops before its results are written: it is saved only when the disk
     also keeps `end_reserve` bytes free (room for the model), and a failure to save it is a warning, not an error.
     Logging and the progress bar are on rank 0 only. `on_step(step)` runs on every rank after each optimizer step
-    (iterative pruning decisions).
+    (iterative pruning decisions). `lr_factor(step)` (e.g. `lr_schedule(...)`) scales every learning rate before
+    each step.
     """
     from tqdm.auto import tqdm
 
@@ -870,7 +908,11 @@ def fit(engine: Engine, batches: Iterator[dict] | Callable[[int], Iterator[dict]
     for step in range(start, steps):
         micro = [next(batches) for _ in range(grad_accum)]
         samples += sum(_rows(b) for b in micro)
+        if lr_factor is not None:
+            engine.scale_learning_rates(factor := lr_factor(step))
         stats = engine.train_step(micro, step)
+        if lr_factor is not None:
+            stats["lr_factor"] = factor
         if on_step is not None:  # e.g. an iterative pruning decision; before the checkpoint, so a resume sees it
             on_step(step + 1)
         stats["step"] = step + 1

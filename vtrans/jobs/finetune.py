@@ -1,7 +1,7 @@
 """The finetune job: recovery fine-tuning of a pruned model (`model_dir`) distilled from the dense teacher (`model`):
-task loss + temperature-softened logit KL to the teacher, for `finetune.steps` optimizer steps through the engine
-(DeepSpeed when `deepspeed.enabled`; checkpointed and resumable like pruning); evaluates before and after, saves the
-fine-tuned model (same format as the prune job's). Stages from vtrans.pipeline."""
+task loss + temperature-softened logit KL to the teacher, for `finetune.steps` optimizer steps through the engine at
+`finetune.lr` on `finetune.schedule` (DeepSpeed when `deepspeed.enabled`; checkpointed and resumable like pruning);
+evaluates before and after, saves the fine-tuned model (same format as the prune job's). Stages from vtrans.pipeline."""
 from __future__ import annotations
 
 import logging
@@ -14,7 +14,7 @@ import torch
 from .. import pipeline as P
 from ..checkpoint import Checkpointer, batch_stream, check_stop
 from ..config import Config, training_fingerprint
-from ..engine import fit, make_engine
+from ..engine import fit, lr_schedule, make_engine
 from ..log import RunLogger, write_structure
 from ..pruning import DistillModule
 
@@ -72,9 +72,11 @@ def run(cfg: Config, out: Path) -> dict:
     with logger.preemption():
         history = fit(engine, lambda start: batch_stream(train, ft.batch_size, cfg.optim.seed, start), ft.steps,
                       cfg.optim.grad_accum, on_log=logger.log, log_every=cfg.optim.log_every, progress=cfg.progress,
-                      desc="finetune", checkpointer=checkpointer, end_reserve=model_room)
+                      desc="finetune", checkpointer=checkpointer, end_reserve=model_room,
+                      lr_factor=lr_schedule(ft.schedule, ft.steps, ft.warmup_steps))
     metrics["train_time_s"] = time.perf_counter() - t_train
     metrics["final_loss"] = history[-1]["loss"]
+    metrics["finetune_last_lr"] = ft.lr * history[-1].get("lr_factor", 1.0)  # where the schedule ended
     metrics["train_tokens"] = ft.steps * cfg.optim.grad_accum * ft.batch_size * cfg.data.seq_len
     check_stop()
     model_dir = out / "model"  # saved before it is evaluated
