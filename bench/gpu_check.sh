@@ -25,28 +25,8 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 
-# --- install what the image lacks (offline: the wheels bench/gpu_prep.sh put in .gpu/wheels)
-if ! "$PY" -c 'import hydra, omegaconf, deepspeed, gguf' 2>/dev/null; then
-    if [ -d .gpu/wheels ]; then
-        "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-    else
-        DS_BUILD_OPS=0 "$PY" -m pip install -q hydra-core omegaconf deepspeed gguf
-    fi
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
-MODEL_ARGS=()
-if [ -f .gpu/parts/part-aa ]; then  # the SmolLM2 GGUF, carried in parts
-    cat .gpu/parts/part-* > /tmp/smollm2.gguf
-    MODEL_ARGS=(model.package= model.name_or_path=/tmp model.gguf_file=smollm2.gguf)
-fi
-DATA_ARGS=()
-[ -f .gpu/lee_background.txt ] && DATA_ARGS=(data.source=$PWD/.gpu/lee_background.txt)
-# the default job's cross-domain sets come from gensim, Python's docs and scikit-learn: without those packages the
-# job evaluates the held-out split only (said in the report's log)
-if ! "$PY" -c 'import gensim, sklearn' 2>/dev/null; then
-    DATA_ARGS+=(eval=none)
-    echo "gensim / scikit-learn missing: the default job runs with eval=none (no cross-domain sets)"
-fi
+# --- what the image lacks, and the overrides for what .gpu/ carries (MODEL_ARGS, DATA_ARGS)
+source bench/gpu_env.sh
 "$PY" - <<'EOF' > "$RAW/gpu_env.txt" 2>&1
 import torch, transformers
 print(torch.__version__, transformers.__version__, torch.cuda.get_device_name(0),
