@@ -397,7 +397,12 @@ class ShardedBuild:
                 stack.enter_context(prevent_arange_dtype_change())
             except ImportError:
                 pass
-            stack.enter_context(deepspeed.zero.Init(config_dict_or_path=self.config, dtype=self.dtype))
+            init = deepspeed.zero.Init(config_dict_or_path=self.config, dtype=self.dtype)
+            # DeepSpeed (0.19) drops a given dtype where the accelerator has no fp16 (`dtype or torch.float16 if
+            # fp16 else torch.bfloat16 ...`): on a CPU without oneDNN fp16 (e.g. AMD EPYC) an fp32 model was built,
+            # and trained, in bf16. The dtype asked for is set again before any parameter is made.
+            init.dtype = self.dtype
+            stack.enter_context(init)
             yield
 
     @torch.no_grad()
