@@ -285,6 +285,42 @@ def test_a_cache_entry_made_for_another_record_is_refused(tmp_path):
         cache.read(path, {"n": 1})
 
 
+def test_the_model_identity_is_its_content_not_its_place(assets, tmp_path):
+    """Two installs of the same model (two clones' virtual environments) share the caches' entries; a model changed
+    in place does not; file digests are memoised under (path, size, mtime) and a GGUF folder counts its one file."""
+    import os
+    import shutil
+
+    from vtrans.config import ModelConfig
+
+    def ident(folder, **over):
+        fields = {"name_or_path": str(folder), "package": "", "gguf_file": "", **over}
+        return cache.model_identity(ModelConfig(**fields), str(tmp_path / "cache"))
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(assets / "llama", a)
+    shutil.copytree(assets / "llama", b)  # another place, other modification times
+    (b / "__init__.py").write_text("# a package's own code is not the model\n")
+    first = ident(a)
+    assert ident(b) == first and ident(a, dtype="bfloat16") != first
+    assert len(list((tmp_path / "cache" / "digests").glob("*.json"))) == len(json.loads(first)["files"]) * 2
+    weights = next(p for p in sorted(a.iterdir()) if p.suffix in (".safetensors", ".bin"))
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ident(a) == first  # same path, size and mtime: the memo answers without reading
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert ident(a) != first  # replaced in place: read again
+    (a / "extra.gguf").write_bytes(b"GGUF")
+    (a / "other.gguf").write_bytes(b"GGUF other")
+    one = ident(a, gguf_file="extra.gguf")
+    assert [name for name, _ in json.loads(one)["files"]] == ["extra.gguf"]
+    assert "hub-org/model" in cache.model_identity(ModelConfig(name_or_path="hub-org/model", package="",
+                                                               gguf_file=""), str(tmp_path / "cache"))
+
+
 def test_a_non_main_process_waits_for_the_main_process_samples(tiny_lm, tmp_path, monkeypatch):
     model, tok = tiny_lm
     monkeypatch.setattr(teacher, "WAIT_TIMEOUT_S", 0.01)

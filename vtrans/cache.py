@@ -18,21 +18,55 @@ def cache_root(cache_dir: str) -> Path:
     return Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vtrans").expanduser()
 
 
-def model_identity(model_cfg) -> str:
-    """The dense model as the cache sees it: where it loads from, its dtype, and a fingerprint of its weight files
-    (name, size, modification time), so entries of a model replaced in place are not reused."""
+def model_identity(model_cfg, cache_dir: str = "") -> str:
+    """The dense model as the caches see it: a content digest of each file of its folder (weights, config,
+    tokenizer; with model.gguf_file, of that file alone), its dtype, GGUF file and subfolder; a hub name that is not
+    a local folder stands for itself. Content, not place: the same model installed in two places (another clone's
+    virtual environment, another copy of a checkpoint) shares the cache's entries, and a model replaced in place
+    does not reuse them. A file's digest is memoised in the cache under its path, size and modification time (kind
+    "digests"), so each copy of a file is read once."""
     from .models.load import resolve_model_source
 
     source, kwargs = resolve_model_source(model_cfg)
     root = Path(source)
-    files = []
-    if root.is_dir():
-        for p in sorted(root.iterdir()):
-            if p.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth") and p.is_file():
-                st = p.stat()
-                files.append([p.name, st.st_size, st.st_mtime_ns])
-    return json.dumps({"source": str(source), "gguf_file": kwargs.get("gguf_file", ""), "subdir": model_cfg.subdir,
-                       "dtype": model_cfg.dtype, "files": files}, sort_keys=True)
+    ident = {"gguf_file": kwargs.get("gguf_file", ""), "subdir": model_cfg.subdir, "dtype": model_cfg.dtype}
+    if not root.is_dir():
+        return json.dumps({**ident, "source": str(source)}, sort_keys=True)
+    if ident["gguf_file"]:  # a GGUF file holds the whole model; a folder often keeps several quantisations
+        chosen = [root / ident["gguf_file"]]
+    else:
+        chosen = [p for p in sorted(root.iterdir())
+                  if p.is_file() and not p.name.startswith(".") and p.suffix not in IGNORED_SUFFIXES]
+    files = [[p.name, file_digest(p, cache_dir)] for p in chosen]
+    return json.dumps({**ident, "files": files, "version": IDENTITY_VERSION}, sort_keys=True)
+
+
+IDENTITY_VERSION = 2  # 1 held the folder's path and the weight files' (name, size, mtime)
+IGNORED_SUFFIXES = (".py", ".pyc", ".lock", ".tmp", ".log")  # a package's own code and a folder's transient files
+
+
+def file_digest(path: Path, cache_dir: str = "") -> str:
+    """sha256 of a file's bytes, memoised under (resolved path, size, mtime_ns): a file changed in place has a new
+    mtime and is read again."""
+    st = path.stat()
+    record = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = entry(cache_dir, "digests", record)
+    try:
+        known = read(memo, record)
+    except (ValueError, json.JSONDecodeError, KeyError):
+        known = None  # a damaged memo is recomputed, never trusted
+    if known is not None:
+        return known
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    value = f"sha256:{h.hexdigest()}:{st.st_size}"
+    try:
+        write(memo, record, value)
+    except OSError:
+        pass  # a read-only cache only costs the digest again next time
+    return value
 
 
 def entry(cache_dir: str, kind: str, record: dict) -> Path:

@@ -346,7 +346,7 @@ def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.
         raise ValueError(f"{source!r}: this job has no dense model to sample teacher sequences from")
     from .cluster import dist_env
 
-    sampling = teacher.Sampling(model=cache.model_identity(cfg.model), n=teacher.parse(source),
+    sampling = teacher.Sampling(model=cache.model_identity(cfg.model, dc.cache_dir), n=teacher.parse(source),
                                 length=dc.teacher_length or dc.seq_len, temperature=dc.teacher_temperature,
                                 seed=dc.seed, batch_size=dc.teacher_batch_size, start=dc.teacher_start)
     with ckpt.abortable():  # sampling: a stop ends the job at once (the samples are cached only when complete)
@@ -488,7 +488,8 @@ def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
     return {"data": data, "source": D.source_identity(cfg.data.source),
             "eval_source": D.source_identity(cfg.data.eval_source), "max_examples": cfg.eval.max_examples,
             "mix": [D.source_identity(s) for s in sources],
-            "teacher_model": cache.model_identity(cfg.model) if any(map(teacher.is_teacher, sources)) else None,
+            "teacher_model": (cache.model_identity(cfg.model, cfg.data.cache_dir)
+                              if any(map(teacher.is_teacher, sources)) else None),
             "eval_protocol": cfg.eval.protocol,  # "published" cuts the held-out text into its own windows
             "fast_floor": [FAST_FRACTION, cfg.mask.calibration_blocks] if fast_floor else None,
             "tokenizer": [hashlib.sha256(spec.encode()).hexdigest(), tokenizer.eos_token_id, tokenizer.sep_token_id],
@@ -957,8 +958,8 @@ def evaluate_dense(model, tokenizer, cfg: Config, data, desc: str = "dense", lm_
     share = dict(procs=procs, lockstep=lockstep)
     if not (cfg.eval.cache_dense and cfg.model.task == "causal_lm"):
         return evaluate(model, tokenizer, cfg, data, desc, lm_eval, **share)
-    record = {"model": cache.model_identity(cfg.model), "blocks": cache.digest(data), "window": cfg.data.eval_window,
-              "stride": cfg.data.eval_stride, "version": PERPLEXITY_VERSION}
+    record = {"model": cache.model_identity(cfg.model, cfg.data.cache_dir), "blocks": cache.digest(data),
+              "window": cfg.data.eval_window, "stride": cfg.data.eval_stride, "version": PERPLEXITY_VERSION}
     path = cache.entry(cfg.data.cache_dir, "perplexity", record)
     metrics = cache.read(path, record)
     if procs is not None and procs.any(metrics is None)[0]:
