@@ -97,6 +97,29 @@ def test_calibration_blocks_must_be_positive():
         load_config(_compose(["mask.calibration_blocks=0"]))
 
 
+def test_init_blocks_must_not_be_negative():
+    with pytest.raises(ValueError, match=r"mask.init_blocks=-1 must be >= 0 .*0 = mask.calibration_blocks"):
+        load_config(_compose(["mask.init_blocks=-1"]))
+
+
+def test_the_warm_start_scores_on_init_blocks_and_one_shot_scorers_on_calibration_blocks():
+    """A VIB warm start takes mask.init_blocks (the default data: 128) capped at the training data once; a one-shot
+    scorer keeps mask.calibration_blocks (32), so the baselines score on what they did."""
+    import torch
+
+    from vtrans.pipeline import calibration
+
+    train = torch.arange(200 * 8).reshape(200, 8)
+    n_tokens = lambda cfg, data: sum(b["input_ids"].shape[0] for b in calibration(data, cfg))  # noqa: E731
+    default = load_config(_compose())
+    assert default.mask.method == "vib" and default.mask.init_blocks == 128
+    assert n_tokens(default, train) == 128
+    assert n_tokens(load_config(_compose(["mask.method=taylor"])), train) == default.mask.calibration_blocks == 32
+    assert n_tokens(default, train[:50]) == 48  # the training data once (in whole batches of 4), not cycled
+    assert n_tokens(default, train[:20]) == 32  # never fewer than mask.calibration_blocks
+    assert n_tokens(load_config(_compose(["mask.init_blocks=0"])), train) == 32
+
+
 def test_multiple_of_is_refused_with_a_uniform_export():
     with pytest.raises(ValueError, match="budget.multiple_of=8 does not apply with export_uniform=true"):
         load_config(_compose(["export_uniform=true", "budget.multiple_of=8"]))

@@ -208,6 +208,8 @@ class MaskConfig:
     init_from: str = "taylor"  # VIB warm start: a one-shot scorer (magnitude | activation | taylor) ranks the units
     #                            on calibration_blocks of the variant's own training data; "" = the plain init above
     #                            (one-shot methods ignore it)
+    init_blocks: int = 0  # VIB warm start: training blocks the init_from scorer ranks the units on (0 =
+    #                       calibration_blocks); capped at the training data once, never below calibration_blocks
     init_spread: float = 6.0  # warm start: log_sigma2 spreads over log_sigma2_init -/+ init_spread / 2 by score rank
     compensate: bool = False  # after materialising, refit each pruned block's output projection to its dense block's
     #                           output on compensate_blocks training sequences (closed form; vtrans.masks.compensate)
@@ -234,6 +236,9 @@ class MaskConfig:
             raise ValueError(f"mask.calibration_blocks={self.calibration_blocks} must be >= 1 (training sequences the "
                              "one-shot scorers and the warm start score on; also Fast-VTrans's minimum data)")
         _one_of("mask.init_from", self.init_from, INIT_SCORERS)
+        if self.init_blocks < 0:
+            raise ValueError(f"mask.init_blocks={self.init_blocks} must be >= 0 (training sequences the VIB warm start "
+                             "scores on; 0 = mask.calibration_blocks)")
         if self.init_spread <= 0:
             raise ValueError(f"mask.init_spread={self.init_spread} must be > 0")
         if self.compensate_blocks < 1:

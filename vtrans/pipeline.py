@@ -589,9 +589,13 @@ def endless(data, batch_size: int, seed: int):
 
 
 def calibration(train, cfg: Config) -> list[dict]:
-    """The one-shot scorers' batches: mask.calibration_blocks training blocks (sequences)."""
+    """The scoring batches: mask.calibration_blocks training blocks (sequences) for a one-shot scorer; for a VIB warm
+    start mask.init_blocks when set, capped at the training data once (Fast-VTrans's few sequences are not cycled)."""
     bs = cfg.optim.batch_size
-    return [b for _, b in zip(range(max(1, cfg.mask.calibration_blocks // bs)), endless(train, bs, cfg.optim.seed))]
+    blocks = cfg.mask.calibration_blocks
+    if cfg.mask.method == "vib" and cfg.mask.init_blocks:
+        blocks = min(cfg.mask.init_blocks, max(len(train), cfg.mask.calibration_blocks))
+    return [b for _, b in zip(range(max(1, blocks // bs)), endless(train, bs, cfg.optim.seed))]
 
 
 # ---------------------------------------------------------------------------------------------------------- masks
