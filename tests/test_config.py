@@ -130,3 +130,16 @@ def test_budget_multiple_of_must_be_positive():
     from vtrans.config import BudgetConfig
     with _pytest.raises(ValueError, match="budget.multiple_of=0"):
         BudgetConfig(multiple_of=0)
+
+
+def test_a_field_added_since_a_checkpoint_is_unchanged_at_its_default():
+    """A run checkpointed by a vtrans without mask.init_blocks resumes when the field holds its default (0: what the
+    older run did) and is refused, naming the field, when it holds anything else; a field that went away still counts."""
+    from vtrans.config import fingerprint_changes, training_fingerprint
+
+    new = training_fingerprint(load_config(_compose(["mask.init_blocks=0"])))
+    old = {k: v for k, v in new.items() if k != "mask.init_blocks"}
+    assert fingerprint_changes(old, new) == []
+    assert fingerprint_changes(old, {**new, "mask.init_blocks": 128}) == ['mask.init_blocks: "(unset)" -> 128']
+    assert fingerprint_changes(new, old) == ['mask.init_blocks: 0 -> "(unset)"']
+    assert fingerprint_changes(old, {**new, "mask.no_such_field": 0}) == ['mask.no_such_field: "(unset)" -> 0']

@@ -3,6 +3,7 @@ an unknown key or a wrong type fails at composition, naming the key; value check
 (reached by `load_config`), before any model is loaded or any device is held."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -675,10 +676,21 @@ def training_changes(old: dict, new: dict) -> list[str]:
 
 
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
-    """'field: old -> new' for every field whose value differs (a field only one side has counts as changed)."""
+    """'field: old -> new' for every field whose value differs. A field only the new side has is unchanged when it
+    holds the schema's default: a newer vtrans added it, and its default does what the older run did (a run
+    checkpointed before `mask.init_blocks` existed resumes with `mask.init_blocks=0`). Any other field only one side
+    has counts as changed."""
     missing = "(unset)"
+    defaults = _schema_defaults()
     return [f"{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}"
-            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+            for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)
+            and not (k not in old and k in defaults and new[k] == defaults[k])]
+
+
+@functools.cache
+def _schema_defaults() -> dict:
+    """{dotted field: default} of the schema (JSON values), fields that default to None or a list included."""
+    return json.loads(json.dumps(_flat(asdict(Config()))))
 
 
 def register() -> None:
