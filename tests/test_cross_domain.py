@@ -321,6 +321,46 @@ def test_the_model_identity_is_its_content_not_its_place(assets, tmp_path):
                                                                gguf_file=""), str(tmp_path / "cache"))
 
 
+def _identity_on_a_rank(rank: int, folder: str, cache_dir: str) -> tuple[str, list[str]]:
+    """P.model_identity on one of 2 ranks; returns it and the model files this rank read for their digests."""
+    import builtins
+    from dataclasses import replace
+
+    from vtrans import pipeline as P
+    from vtrans.config import Config
+    from vtrans.engine import processes
+
+    cfg = Config()
+    cfg = replace(cfg, model=replace(cfg.model, name_or_path=folder, package="", gguf_file=""),
+                  data=replace(cfg.data, cache_dir=cache_dir))
+    reads = []
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if "b" in mode and "r" in mode and str(path).startswith(folder):
+            reads.append(Path(path).name)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    cache.open = counting_open  # module globals come before builtins: file_digest's reads are counted
+    return P.model_identity(cfg, processes("cpu")), reads
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_one_process_per_machine_reads_the_model_files_for_their_digests(assets, tmp_path):
+    """Under DeepSpeed every rank needs the model's identity (the caches' key); LOCAL_RANK 0 reads the files while
+    the others wait at a barrier, then they take its memoised digests: a 7B checkpoint is read once, not per rank."""
+    import shutil
+
+    from tests.test_distributed import spawn
+
+    folder = tmp_path / "model"
+    shutil.copytree(assets / "llama", folder)
+    (first, reads0), (second, reads1) = spawn(_identity_on_a_rank, tmp_path / "spawn", str(folder),
+                                              str(tmp_path / "cache"))
+    assert first == second
+    assert sorted(reads0) == sorted(name for name, _ in json.loads(first)["files"]) and reads1 == []
+
+
 def test_a_non_main_process_waits_for_the_main_process_samples(tiny_lm, tmp_path, monkeypatch):
     model, tok = tiny_lm
     monkeypatch.setattr(teacher, "WAIT_TIMEOUT_S", 0.01)

@@ -449,7 +449,7 @@ def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None, d
     if cfg.model.task != "causal_lm" or not cfg.data.cache:
         return _tokenised(cfg, tokenizer, fast_floor, dense)
     blocks = D.TokenCache(Path(cfg.data.cache_dir or D.default_cache_dir()) / "tokens")
-    key = blocks.key(token_cache_fields(cfg, tokenizer, fast_floor))
+    key = blocks.key(token_cache_fields(cfg, tokenizer, fast_floor, procs))
     hit = blocks.load(key)
     # every rank takes the same branch: a rank that finds the entry rank 0 has just written must still meet its barrier
     missing = procs.any(hit is None)[0] if procs is not None else hit is None
@@ -472,9 +472,9 @@ def prepare_data(cfg: Config, tokenizer, fast_floor: bool = False, procs=None, d
                 meta.get("sources", []))
 
 
-def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
+def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool, procs=None) -> dict:
     """Everything that decides a job's token blocks: the data settings, what the sources hold (teacher samples: the
-    dense model they come from), the tokenizer."""
+    dense model they come from, see model_identity), the tokenizer."""
     import hashlib
 
     data = {k: v for k, v in dataclass_values(cfg.data).items() if k not in ("cache", "cache_dir")}
@@ -488,12 +488,25 @@ def token_cache_fields(cfg: Config, tokenizer, fast_floor: bool) -> dict:
     return {"data": data, "source": D.source_identity(cfg.data.source),
             "eval_source": D.source_identity(cfg.data.eval_source), "max_examples": cfg.eval.max_examples,
             "mix": [D.source_identity(s) for s in sources],
-            "teacher_model": (cache.model_identity(cfg.model, cfg.data.cache_dir)
-                              if any(map(teacher.is_teacher, sources)) else None),
+            "teacher_model": model_identity(cfg, procs) if any(map(teacher.is_teacher, sources)) else None,
             "eval_protocol": cfg.eval.protocol,  # "published" cuts the held-out text into its own windows
             "fast_floor": [FAST_FRACTION, cfg.mask.calibration_blocks] if fast_floor else None,
             "tokenizer": [hashlib.sha256(spec.encode()).hexdigest(), tokenizer.eos_token_id, tokenizer.sep_token_id],
             "version": 2}
+
+
+def model_identity(cfg: Config, procs=None) -> str:
+    """cache.model_identity of the configured model. With several processes (`procs`; every rank must call this, it
+    meets a barrier) the first process of each machine (LOCAL_RANK 0) reads the model's files for their digests while
+    the others wait, then every rank reads the digests it memoised: a 7B checkpoint is read once per machine on its
+    first job, not by all its ranks at once (about 35 s each, contending for the same disk)."""
+    if procs is not None and procs.distributed:
+        from .cluster import dist_env
+
+        if dist_env().local_rank == 0:
+            cache.model_identity(cfg.model, cfg.data.cache_dir)
+        procs.barrier()
+    return cache.model_identity(cfg.model, cfg.data.cache_dir)
 
 
 def dataclass_values(obj) -> dict:
@@ -962,7 +975,7 @@ def evaluate_dense(model, tokenizer, cfg: Config, data, desc: str = "dense", lm_
     share = dict(procs=procs, lockstep=lockstep)
     if not (cfg.eval.cache_dense and cfg.model.task == "causal_lm"):
         return evaluate(model, tokenizer, cfg, data, desc, lm_eval, **share)
-    record = {"model": cache.model_identity(cfg.model, cfg.data.cache_dir), "blocks": cache.digest(data),
+    record = {"model": model_identity(cfg, procs), "blocks": cache.digest(data),
               "window": cfg.data.eval_window, "stride": cfg.data.eval_stride, "version": PERPLEXITY_VERSION}
     path = cache.entry(cfg.data.cache_dir, "perplexity", record)
     metrics = cache.read(path, record)
