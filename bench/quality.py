@@ -9,6 +9,7 @@ calibration data and on every other domain, and the geometric mean of the domain
     python bench/quality.py                                   # SmolLM2-135M, 20 % and 50 %, every method
     python bench/quality.py --budgets 0.8 --methods activation,faster --steps 60 --tuning
     python bench/quality.py --join smollm2_0.8,smollm2_0.5 --tag smollm2      # one table from two runs' CSVs
+    python bench/quality.py --methods vtrans --recovery data.mix.1.source=teacher:1024 --dry-run   # configs only
 
 `--tuning` drops the final-test domain (FINAL_TEST): tuning runs never evaluate it. The pruned models stay in --out
 (runs/quality/<method>-<kept>/model) for bench/speed.py.
@@ -74,6 +75,21 @@ def recovery_config(model_dir: str, keep: float, args) -> Config:
                     f"output_dir={Path(args.out) / f'recovery-{keep}'}"])
 
 
+def dry_run(args) -> None:
+    """Every config a run with these arguments would start, composed and validated (a bad override fails here, before
+    a model is loaded or a GPU held), one line each: the job, the training data and steps."""
+    for keep in (float(b) for b in args.budgets.split(",")):
+        for method in args.methods.split(","):
+            cfgs = [(method, config(method, keep, args))]
+            if method == "vtrans" and args.recovery_steps > 0:
+                cfgs.append(("recovery", recovery_config(str(Path(args.out) / f"vtrans-{keep}" / "model"), keep, args)))
+            for name, c in cfgs:
+                steps = c.finetune.steps if c.job == "finetune" else c.optim.steps
+                mix = ", ".join(f"{m.source} x{m.weight:g}" for m in c.data.mix) or c.data.source
+                print(f"{keep} {name}: job={c.job} steps={steps} data=[{mix}] "
+                      f"teacher_batch_size={c.data.teacher_batch_size} device={c.device} output_dir={c.output_dir}")
+
+
 def row(keep: float, method: str, m: dict, seconds: float, wall: float, new: str = "pruned") -> dict:
     domains = list(m.get("eval_domains", {}))
     r = {"budget_kept": keep, "method": method, "params": m["params_pruned"],
@@ -121,7 +137,13 @@ def main() -> None:
     p.add_argument("--recovery", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override for recovery fine-tuning only (repeatable)")
     p.add_argument("--join", default="", help="comma-separated tags of earlier runs: write one table from their CSVs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compose and validate every job's config (recovery included), print them and stop: no model "
+                        "is loaded, nothing is written")
     args = p.parse_args()
+    if args.dry_run:
+        dry_run(args)
+        return
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     out = Path(args.results)

@@ -24,6 +24,23 @@ def test_gpu_scripts_refuse_without_cuda_and_run_nothing(tmp_path, script):
     assert not list(tmp_path.iterdir())
 
 
+def test_the_recovery_script_composes_its_jobs_configs_on_any_machine(tmp_path):
+    """DRY_RUN=1: the configs bench/gpu_recovery.sh would start, validated on the CPU, so a device session does not
+    spend its minutes finding a bad override."""
+    env = {**ENV, "RESULTS": str(tmp_path), "DRY_RUN": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_recovery.sh")], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prune, recovery = r.stdout.splitlines()
+    assert "job=prune steps=40" in prune and "teacher:128 x1]" in prune and "teacher_batch_size=32" in prune
+    assert "job=finetune steps=3000" in recovery and "teacher:4096 x1]" in recovery
+    assert "teacher_batch_size=256" in recovery
+    assert not list(tmp_path.iterdir())
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_recovery.sh")], capture_output=True, text=True, timeout=120,
+                       env={**env, "RECOVERY_TEACHER": "many"})
+    assert r.returncode != 0 and "'teacher:many' is not accepted" in r.stderr
+
+
 def test_the_cross_domain_sets_travel_as_files_and_read_back_as_the_same_documents(tmp_path, monkeypatch):
     from bench.gpu_domains import export
     from vtrans.data import load_documents
