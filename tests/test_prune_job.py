@@ -219,6 +219,34 @@ def test_warm_started_fast_vtrans_scores_on_its_own_training_data(tiny_llama_dir
     assert seen == []
 
 
+def test_the_warm_start_scores_on_mask_init_source_when_set(tiny_llama_dir, text_file, tmp_path, monkeypatch):
+    """mask.init_source: the VIB warm start ranks the units on that source's blocks (e.g. the dense model's own
+    samples), not on the training data; the masks then train on the training data as before."""
+    import vtrans.pipeline as pipeline
+    from vtrans.data import lm_blocks, load_documents
+    seen = []
+    real = pipeline.score_masks
+
+    def recording(mm, method, batches, seed=0, procs=None):
+        seen.append([b["input_ids"].clone() for b in batches])
+        return real(mm, method, batches, seed=seed, procs=procs)
+
+    monkeypatch.setattr(pipeline, "score_masks", recording)
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(d.text for d in load_documents("gensim:lee_background.cor")[200:260]))
+    cfg = _cfg(tiny_llama_dir, tmp_path / "run", source=str(text_file), mask__init_source=str(other),
+               mask__init_blocks=8, budget__count_embeddings=False)
+    metrics = run(cfg)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    source = {tuple(r.tolist()) for r in lm_blocks(tok, load_documents(str(other)), cfg.data.seq_len)}
+    train = {tuple(r.tolist()) for r in pipeline.prepare_data(cfg, tok).train}
+    rows = [tuple(r.tolist()) for b in seen[0] for r in b]
+    assert len(seen) == 1 and len(rows) == 8 and all(r in source and r not in train for r in rows)
+    assert metrics["method"] == "vib"
+    counted = metrics["params_pruned_no_embeddings"]
+    assert 0.99 * metrics["budget_target_size"] <= counted <= metrics["budget_target_size"]
+
+
 def test_fast_trains_on_no_fewer_sequences_than_the_calibration_blocks(tiny_llama_dir, tmp_path):
     """3 % of a small corpus is grown to mask.calibration_blocks sequences (what a one-shot baseline calibrates on);
     an explicit data.train_fraction is taken as given."""

@@ -211,6 +211,9 @@ class MaskConfig:
     #                            (one-shot methods ignore it)
     init_blocks: int = 0  # VIB warm start: training blocks the init_from scorer ranks the units on (0 =
     #                       calibration_blocks); capped at the training data once, never below calibration_blocks
+    init_source: str = ""  # VIB warm start: what the init_from scorer ranks the units on: "" the variant's own
+    #                        training data; a data source (e.g. teacher:128, the dense model's own samples) read whole,
+    #                        cut into data.seq_len blocks (causal LMs), of which it scores init_blocks
     init_spread: float = 6.0  # warm start: log_sigma2 spreads over log_sigma2_init -/+ init_spread / 2 by score rank
     compensate: bool = False  # after materialising, refit each pruned block's output projection to its dense block's
     #                           output on compensate_blocks training sequences (closed form; vtrans.masks.compensate)
@@ -240,6 +243,12 @@ class MaskConfig:
         if self.init_blocks < 0:
             raise ValueError(f"mask.init_blocks={self.init_blocks} must be >= 0 (training sequences the VIB warm start "
                              "scores on; 0 = mask.calibration_blocks)")
+        if self.init_source.startswith("teacher:"):
+            _teacher_count("mask.init_source", self.init_source)
+        if self.init_source and not self.init_from:
+            raise ValueError(f"mask.init_source={self.init_source!r} is what the warm start scores on, but "
+                             "mask.init_from='' turns the warm start off: set mask.init_from (e.g. taylor) or "
+                             "mask.init_source=''")
         if self.init_spread <= 0:
             raise ValueError(f"mask.init_spread={self.init_spread} must be > 0")
         if self.compensate_blocks < 1:
@@ -601,6 +610,10 @@ class Config:
             if teacher:
                 raise ValueError(f"{teacher[0]!r} (teacher samples) needs a causal LM, but model.task="
                                  f"{self.model.task}")
+            if self.mask.init_source:
+                raise ValueError(f"mask.init_source={self.mask.init_source!r} cuts a source into token blocks for a "
+                                 f"causal LM, but model.task={self.model.task}: set mask.init_source='' (the warm "
+                                 "start scores the training data)")
             if self.mask.compensate_source:
                 raise ValueError(f"mask.compensate_source={self.mask.compensate_source!r} cuts a source into token "
                                  f"blocks for a causal LM, but model.task={self.model.task}: set "
@@ -608,10 +621,10 @@ class Config:
         training = set(self.data.training_sources())
         for name, source in self.eval.domains.items():
             if (source == self.data.source or source in training or source == self.data.eval_source
-                    or source == self.mask.compensate_source):
+                    or source == self.mask.compensate_source or source == self.mask.init_source):
                 raise ValueError(f"eval.domains.{name}={source!r} is also data.source, data.eval_source, a "
-                                 "data.mix source or mask.compensate_source: a cross-domain evaluation must use text "
-                                 "never used for calibration or training")
+                                 "data.mix source, mask.compensate_source or mask.init_source: a cross-domain "
+                                 "evaluation must use text never used for calibration or training")
         if self.model.task == "question_answering":
             if self.data.folds:
                 raise ValueError(f"data.folds={self.data.folds} is not supported for model.task=question_answering "

@@ -622,6 +622,20 @@ def training_rows(cfg: Config, tokenizer, data: Data, dense: Dense | None = None
     return prepare_data(cfg, tokenizer, fast_floor=False, dense=dense).train
 
 
+def warm_start_rows(cfg: Config, tokenizer, data: Data, dense: Dense | None = None):
+    """What the VIB warm start scores on: the job's training data, or mask.init_source read whole (teacher:N sampled,
+    or read from the sample cache) and cut into data.seq_len blocks (bench/results/quality_smollm2_init_source_0.8.md:
+    scored on teacher samples alone, the documentation domains gained and the prose domains lost)."""
+    if not cfg.mask.init_source:
+        return data.train
+    rows = D.lm_blocks(tokenizer, list(source_documents(cfg, cfg.mask.init_source, dense)), cfg.data.seq_len)
+    if not len(rows):
+        raise ValueError(f"mask.init_source={cfg.mask.init_source!r} gave no {cfg.data.seq_len}-token block to "
+                         "score on")
+    log.info("warm start scores on %s: %d blocks", cfg.mask.init_source, len(rows))
+    return rows
+
+
 def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = None, rows=None):
     """The sequences the refit draws from, each distinct one once. mask.compensate_source, when set, is read (teacher:N
     sampled, or read from the sample cache) and cut into data.seq_len blocks; else the job's whole training data

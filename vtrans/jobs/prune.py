@@ -79,7 +79,7 @@ def run(cfg: Config, out: Path) -> dict:
         t_init = time.perf_counter()
         resuming = checkpointer.resume and checkpointer.latest() is not None  # the restored masks replace any start
         if mask.init_from and not resuming:
-            P.warm_start(cfg, mm, data.train, procs, lockstep)
+            P.warm_start(cfg, mm, P.warm_start_rows(cfg, tokenizer, data, dense_model), procs, lockstep)
             engine.release_parameters()
         on_step = P.iterative_decisions(mm, budget, module.warmup_steps, module.final_ratio, cfg.budget.decide_every,
                                         optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
