@@ -11,7 +11,9 @@ calibration data and on every other domain, and the geometric mean of the domain
     python bench/quality.py --join smollm2_0.8,smollm2_0.5 --tag smollm2      # one table from two runs' CSVs
     python bench/quality.py --methods vtrans --recovery data.mix.1.source=teacher:1024 --dry-run   # configs only
 
-`--tuning` drops the final-test domain (FINAL_TEST): tuning runs never evaluate it. The pruned models stay in --out
+`--tuning` drops the final-test domain (FINAL_TEST): tuning runs never evaluate it. `--prose-check` adds two
+Wikipedia-style articles (PROSE_CHECK), reported as their own mean and kept out of the others, so a lever that only
+favours the documentation-heavy development set shows there. The pruned models stay in --out
 (runs/quality/<method>-<kept>/model) for bench/speed.py.
 """
 from __future__ import annotations
@@ -39,6 +41,9 @@ NAMES = {"faster": "Faster-VTrans", "fast": "Fast-VTrans", "vtrans": "VTrans", "
          "torch_pruning": "Torch-Pruning (LLM example)", "torch_pruning_taylor": "Torch-Pruning, Taylor"}
 # The final-test domain, chosen before any tuning: no tuning run evaluates it (--tuning drops it). See bench/README.md.
 FINAL_TEST = "wiki"
+# --prose-check: general prose beside the documentation-heavy development set, reported apart from every mean (gensim's
+# two Wikipedia-style articles, never calibrated or trained on). See bench/README.md.
+PROSE_CHECK = {"ency_nyc": "gensim:para2para_text1.txt", "ency_berlin": "gensim:para2para_text2.txt"}
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -55,6 +60,8 @@ def common(args) -> list[str]:
            f"eval.domain_blocks={args.domain_blocks}", "progress=false", "logger=none", *args.set]
     if args.tuning:
         out.append(f"~eval.domains.{FINAL_TEST}")
+    if getattr(args, "prose_check", False):
+        out += [f"+eval.domains.{d}={src}" for d, src in PROSE_CHECK.items()]
     return out
 
 
@@ -106,12 +113,17 @@ def row(keep: float, method: str, m: dict, seconds: float, wall: float, new: str
 
 
 def summary(r: dict, domains: list[str]) -> dict:
-    """Geometric means of the domain ratios: over the development domains (every domain but the final test) and over
-    all of them (the cross-domain headline, ppl_ratio_cross_domain)."""
+    """Geometric means of the domain ratios: over the development domains (every domain but the final test and the
+    prose check), over those and the final test (the cross-domain headline, ppl_ratio_cross_domain) and, when
+    evaluated, over the prose check's articles (ratio_prose_check), which no other mean includes."""
     def gmean(ds):
-        return round(math.exp(sum(math.log(r[f"ratio_{d}"]) for d in ds) / len(ds)), 4) if ds else ""
-    dev = [d for d in domains if d != FINAL_TEST]
-    return {"ratio_dev_mean": gmean(dev), "ratio_cross_domain": gmean(domains)}
+        return round(math.exp(sum(math.log(float(r[f"ratio_{d}"])) for d in ds) / len(ds)), 4) if ds else ""
+    prose = [d for d in domains if d in PROSE_CHECK]
+    main = [d for d in domains if d not in PROSE_CHECK]
+    out = {"ratio_dev_mean": gmean([d for d in main if d != FINAL_TEST]), "ratio_cross_domain": gmean(main)}
+    if prose:
+        out["ratio_prose_check"] = gmean(prose)
+    return out
 
 
 def main() -> None:
@@ -127,6 +139,9 @@ def main() -> None:
     p.add_argument("--eval-blocks", type=int, default=0, help="held-out blocks of the calibration data; 0 = all")
     p.add_argument("--domain-blocks", type=int, default=32, help="blocks per evaluation domain (eval.domain_blocks)")
     p.add_argument("--tuning", action="store_true", help=f"drop the final-test domain ({FINAL_TEST}) from evaluation")
+    p.add_argument("--prose-check", action="store_true",
+                   help="also evaluate gensim's two Wikipedia-style articles (PROSE_CHECK), reported as their own "
+                        "mean, outside the development and cross-domain means")
     p.add_argument("--out", default="runs/quality", help="run directories (pruned models for bench/speed.py)")
     p.add_argument("--results", default="bench/results", help="where the tables go")
     p.add_argument("--tag", default="smollm2")
@@ -188,11 +203,14 @@ def _write(rows: list[dict], out: Path, args, m: dict) -> None:
         w.writeheader()
         w.writerows(rows)
     domains = [k[len("ratio_"):] for k in fields if k.startswith("ratio_") and k not in
-               ("ratio_calibration", "ratio_dev_mean", "ratio_cross_domain")]
-    dev = [d for d in domains if d != FINAL_TEST]
+               ("ratio_calibration", "ratio_dev_mean", "ratio_cross_domain", "ratio_prose_check")]
+    prose = [d for d in domains if d in PROSE_CHECK]
+    dev = [d for d in domains if d != FINAL_TEST and d not in PROSE_CHECK]
     head = ["kept", "method", "reduction", "calibration (held-out)", *dev, "dev mean"]
     if FINAL_TEST in domains:
         head += [f"{FINAL_TEST} (final test)", "cross-domain mean"]
+    if prose:
+        head += [*prose, "prose check mean"]
     head.append("compression s")
     lines = []
     if m:
@@ -206,12 +224,16 @@ def _write(rows: list[dict], out: Path, args, m: dict) -> None:
              *[f"{float(first.get(f'ppl_{d}_dense', 0)):.2f}" for d in dev], ""]
     if FINAL_TEST in domains:
         dense += [f"{float(first.get(f'ppl_{FINAL_TEST}_dense', 0)):.2f}", ""]
+    if prose:
+        dense += [*[f"{float(first.get(f'ppl_{d}_dense', 0)):.2f}" for d in prose], ""]
     lines.append("| " + " | ".join(dense + [""]) + " |")
     for r in rows:
         cells = [str(r["budget_kept"]), NAMES.get(r["method"], r["method"]), f"{float(r['param_reduction']):.1%}",
                  _x(r["ratio_calibration"]), *[_x(r.get(f"ratio_{d}")) for d in dev], _x(r.get("ratio_dev_mean"))]
         if FINAL_TEST in domains:
             cells += [_x(r.get(f"ratio_{FINAL_TEST}")), f"**{_x(r.get('ratio_cross_domain'))}**"]
+        if prose:
+            cells += [*[_x(r.get(f"ratio_{d}")) for d in prose], _x(r.get("ratio_prose_check"))]
         cells.append(str(r["compression_s"]))
         lines.append("| " + " | ".join(cells) + " |")
     (out / f"quality_{args.tag}.md").write_text("\n".join(lines) + "\n")
