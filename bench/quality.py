@@ -60,7 +60,7 @@ def common(args) -> list[str]:
            f"eval.domain_blocks={args.domain_blocks}", "progress=false", "logger=none", *args.set]
     if args.tuning:
         out.append(f"~eval.domains.{FINAL_TEST}")
-    if getattr(args, "prose_check", False):
+    if args.prose_check:
         out += [f"+eval.domains.{d}={src}" for d, src in PROSE_CHECK.items()]
     return out
 
@@ -117,7 +117,7 @@ def summary(r: dict, domains: list[str]) -> dict:
     prose check), over those and the final test (the cross-domain headline, ppl_ratio_cross_domain) and, when
     evaluated, over the prose check's articles (ratio_prose_check), which no other mean includes."""
     def gmean(ds):
-        return round(math.exp(sum(math.log(float(r[f"ratio_{d}"])) for d in ds) / len(ds)), 4) if ds else ""
+        return round(math.exp(sum(math.log(r[f"ratio_{d}"]) for d in ds) / len(ds)), 4) if ds else ""
     prose = [d for d in domains if d in PROSE_CHECK]
     main = [d for d in domains if d not in PROSE_CHECK]
     out = {"ratio_dev_mean": gmean([d for d in main if d != FINAL_TEST]), "ratio_cross_domain": gmean(main)}
