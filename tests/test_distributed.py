@@ -5,6 +5,7 @@ materialised. Also the real SmolLM2-135M under ZeRO-3 (slow) and CPU offload (sl
 Adam)."""
 from __future__ import annotations
 
+import faulthandler
 import functools
 import importlib.util
 import json
@@ -46,13 +47,17 @@ def _entry(rank: int, world: int, port: int, fn, out: str, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    # a rank killed by a signal (an abort in a C++ thread) leaves no error file: this prints every thread's Python
+    # stack to the captured stderr instead, and rank{r}.pt tells whether it got past its result
+    faulthandler.enable(all_threads=True)
     try:
         result = fn(rank, *args)
     except BaseException:
         Path(out, f"error{rank}.txt").write_text(traceback.format_exc())
         raise
     torch.save(result, Path(out, f"rank{rank}.pt"))
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # as Engine.close does: no rank leaves while another still talks to it
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
@@ -64,7 +69,8 @@ def spawn(fn, out: Path, *args, world: int = 2) -> list:
                                               start_method="spawn")
     except Exception as e:
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error*.txt")))
-        raise AssertionError(f"a rank failed:\n{errors}") from e
+        saved = [r for r in range(world) if (out / f"rank{r}.pt").exists()]
+        raise AssertionError(f"a rank failed ({e}; ranks that saved their result: {saved}):\n{errors}") from e
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
