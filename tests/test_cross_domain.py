@@ -68,10 +68,10 @@ def test_the_default_job_evaluates_four_offline_domains_with_wiki_among_them():
 def test_mix_and_teacher_keys_compose_from_the_command_line():
     cfg = load_config(compose_cfg(["data.mix=[{source:'gensim:lee_background.cor',weight:1},"
                                    "{source:'teacher:64',weight:3}]", "data.teacher_temperature=0.8",
-                                   "data.teacher_length=96", "+eval.domains.poems=poems.txt"]))
+                                   "data.teacher_length=96", "data.teacher_top_p=0.9", "+eval.domains.poems=poems.txt"]))
     assert [(m.source, m.weight) for m in cfg.data.mix] == [("gensim:lee_background.cor", 1.0), ("teacher:64", 3.0)]
     assert cfg.data.training_sources() == ["gensim:lee_background.cor", "teacher:64"]
-    assert cfg.data.teacher_temperature == 0.8 and cfg.data.teacher_length == 96
+    assert cfg.data.teacher_temperature == 0.8 and cfg.data.teacher_length == 96 and cfg.data.teacher_top_p == 0.9
     assert cfg.eval.domains["poems"] == "poems.txt"
 
 
@@ -85,6 +85,8 @@ def test_mix_and_teacher_keys_compose_from_the_command_line():
     ({"data": {"mix": [{"source": "a.txt"}, {"source": "a.txt"}]}}, r"data.mix\[1\].source='a.txt' is listed twice"),
     ({"data": {"teacher_temperature": 0}}, r"data.teacher_temperature=0.0 must be > 0"),
     ({"data": {"teacher_length": -1}}, r"data.teacher_length=-1 must be >= 0"),
+    ({"data": {"teacher_top_p": 0}}, r"data.teacher_top_p=0.0 must be in \(0, 1\]"),
+    ({"data": {"teacher_top_p": 1.5}}, r"data.teacher_top_p=1.5 must be in \(0, 1\]"),
     ({"data": {"teacher_batch_size": 0}}, r"data.teacher_batch_size=0 must be >= 1"),
     ({"data": {"teacher_start": "eos"}}, r"data.teacher_start='eos' is not accepted; choose one of \['bos', 'random'\]"),
     ({"data": {"eval_source": "teacher:8"}}, r"data.eval_source='teacher:8' is not accepted: evaluation needs real"),
@@ -271,11 +273,50 @@ def test_teacher_samples_are_cached_and_the_key_covers_every_setting(tiny_lm, tm
     again = teacher.documents("teacher:5", _sampling(), str(tmp_path), no_model)
     assert [d.text for d in again] == [d.text for d in docs]
     for over in ({"temperature": 0.7}, {"length": 8}, {"seed": 3}, {"n": 4}, {"model": "other"},
-                 {"batch_size": 5}, {"start": "random"}):
+                 {"batch_size": 5}, {"start": "random"}, {"top_p": 0.9}):
         assert cache.entry("c", "teacher", _sampling(**over).record()) != \
             cache.entry("c", "teacher", _sampling().record()), over
     teacher.documents("teacher:5", _sampling(temperature=0.7), str(tmp_path), dense)
     assert len(calls) == 2 and len(list((tmp_path / "teacher").glob("*.json"))) == 2
+
+
+def test_top_p_one_keeps_the_cache_key_samples_had_before_it_existed():
+    assert set(_sampling().record()) == {"model", "n", "length", "temperature", "seed", "batch_size", "start",
+                                         "version"}
+    assert _sampling(top_p=0.5).record()["top_p"] == 0.5
+
+
+def test_a_nucleus_cut_samples_only_tokens_inside_it(tiny_lm):
+    """With top_p below 1 every sampled token lies in the smallest set holding top_p of the model's tempered
+    next-token distribution at that position; without the cut some do not."""
+    model, tok = tiny_lm
+
+    def outside(texts_ids, top_p, temperature):
+        with torch.no_grad():
+            logits = model(input_ids=texts_ids).logits[:, :-1].float() / temperature
+        probs = logits.softmax(-1)
+        ordered, order = probs.sort(-1, descending=True)
+        before = ordered.cumsum(-1) - ordered  # mass ahead of each token in the ordering
+        inside = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+        chosen = texts_ids[:, 1:]
+        return int((~inside.gather(-1, chosen.unsqueeze(-1))).sum())
+
+    def ids(top_p):
+        generate, seen = type(model).generate, []
+
+        def keep(self, **kwargs):
+            out = generate(self, **kwargs)
+            seen.append(out)
+            return out
+        type(model).generate = keep
+        try:
+            teacher.sample(model, tok, _sampling(n=8, batch_size=8, length=24, temperature=1.5, top_p=top_p))
+        finally:
+            type(model).generate = generate
+        return torch.cat(seen)
+
+    assert outside(ids(0.5), 0.5, 1.5) == 0
+    assert outside(ids(1.0), 0.5, 1.5) > 0
 
 
 def test_cache_dir_defaults_to_the_environment_then_home(monkeypatch, tmp_path):

@@ -117,7 +117,8 @@ class DataConfig:
     #   their weights (data.source's entry uses its training split); [] = data.source's training split alone.
     #   data.source's held-out split stays the evaluation data (the calibration domain).
     teacher_length: int = 0  # teacher:N sources: new tokens sampled per sequence (0 = seq_len)
-    teacher_temperature: float = 1.0  # teacher:N sources: sampling temperature (> 0; no top-k / top-p cut)
+    teacher_temperature: float = 1.0  # teacher:N sources: sampling temperature (> 0)
+    teacher_top_p: float = 1.0  # teacher:N sources: nucleus cut after the temperature, in (0, 1] (1.0 = no cut)
     teacher_batch_size: int = 32  # teacher:N sources: sequences sampled at once (part of the cache key)
     teacher_start: str = "bos"  # teacher:N sources: first token, bos (the BOS / EOS / SEP token) | random (a token
     #                             drawn uniformly from the vocabulary, special tokens excepted, as LLM-QAT does)
@@ -182,6 +183,9 @@ class DataConfig:
         if not self.teacher_temperature > 0:
             raise ValueError(f"data.teacher_temperature={self.teacher_temperature} must be > 0 (1.0 samples the "
                              "model's own distribution)")
+        if not 0 < self.teacher_top_p <= 1:
+            raise ValueError(f"data.teacher_top_p={self.teacher_top_p} must be in (0, 1] (1.0 samples the whole "
+                             "distribution; 0.9 keeps the smallest set of tokens holding 90 % of it)")
         _one_of("data.teacher_start", self.teacher_start, ("bos", "random"))
         if self.teacher_batch_size < 1:
             raise ValueError(f"data.teacher_batch_size={self.teacher_batch_size} must be >= 1")

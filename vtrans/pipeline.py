@@ -348,7 +348,8 @@ def source_documents(cfg: Config, source: str, dense: Dense | None = None) -> D.
 
     sampling = teacher.Sampling(model=cache.model_identity(cfg.model, dc.cache_dir), n=teacher.parse(source),
                                 length=dc.teacher_length or dc.seq_len, temperature=dc.teacher_temperature,
-                                seed=dc.seed, batch_size=dc.teacher_batch_size, start=dc.teacher_start)
+                                seed=dc.seed, batch_size=dc.teacher_batch_size, start=dc.teacher_start,
+                                top_p=dc.teacher_top_p)
     with ckpt.abortable():  # sampling: a stop ends the job at once (the samples are cached only when complete)
         return teacher.documents(source, sampling, dc.cache_dir, dense, is_main=dist_env().local_rank == 0,
                                  progress=cfg.progress and is_main_process())

@@ -3,9 +3,10 @@ for quantisation), seeded and cached on disk, so that a rerun reads them instead
 
 Each sequence starts from the tokenizer's BOS token (else its EOS token, as GPT-2 starts a document, else SEP), or with
 data.teacher_start=random from a token drawn uniformly from the vocabulary (special tokens excepted), as LLM-QAT
-does, which spreads the samples over more of what the model knows, and samples `length` tokens at `temperature` (no top-k / top-p cut; the end-of-sequence token is suppressed so every sequence is
-full length). The samples become ordinary text documents (special tokens dropped), so they split, mix, tokenise and
-batch like any other source."""
+does, which spreads the samples over more of what the model knows, and samples `length` tokens at `temperature`
+(no top-k cut; with `top_p` < 1 only the smallest set of tokens holding that share of the tempered distribution; the
+end-of-sequence token is suppressed so every sequence is full length). The samples become ordinary text documents
+(special tokens dropped), so they split, mix, tokenise and batch like any other source."""
 from __future__ import annotations
 
 import logging
@@ -50,9 +51,13 @@ class Sampling:
     seed: int
     batch_size: int
     start: str = "bos"  # first token: "bos" (the tokenizer's BOS, else EOS, else SEP) | "random" (LLM-QAT)
+    top_p: float = 1.0  # nucleus cut after the temperature (1.0: none)
 
     def record(self) -> dict:
-        return {**self.__dict__, "version": SAMPLER_VERSION}
+        rec = {**self.__dict__, "version": SAMPLER_VERSION}
+        if self.top_p == 1.0:  # samples drawn before top_p existed keep their cache entries
+            del rec["top_p"]
+        return rec
 
 
 def documents(source: str, sampling: Sampling, cache_dir: str, dense: Callable[[], tuple], is_main: bool = True,
@@ -120,7 +125,7 @@ def sample(model, tokenizer, sampling: Sampling, progress: bool = False) -> list
                 else:
                     ids = torch.full((rows, 1), start, dtype=torch.long, device=device)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=sampling.temperature, top_k=0, top_p=1.0,
+                                     temperature=sampling.temperature, top_k=0, top_p=sampling.top_p,
                                      max_new_tokens=sampling.length, min_new_tokens=sampling.length,
                                      pad_token_id=pad)
                 first = 0 if sampling.start == "random" else 1  # a random first token is part of the sample
