@@ -111,6 +111,9 @@ def test_mix_and_teacher_keys_compose_from_the_command_line():
      r"mask.init_source='teacher:64' is what the warm start scores on, but mask.init_from='' turns"),
     ({"model": {"task": "sequence_classification"}, "data": {"mix": []}, "mask": {"init_source": "a.txt"}},
      r"mask.init_source='a.txt' cuts a source into token blocks for a causal LM.*set mask.init_source=''"),
+    ({"mask": {"fisher_labels": "teacher"}}, r"mask.fisher_labels='teacher' is not accepted; choose one of"),
+    ({"model": {"task": "sequence_classification"}, "data": {"mix": []}, "mask": {"fisher_labels": "model"}},
+     r"mask.fisher_labels='model' draws next tokens from a causal LM's predictions.*set mask.fisher_labels=data"),
     ({"eval": {"domain_blocks": -1}}, r"eval.domain_blocks=-1 must be >= 0"),
     ({"distill": {"task_weight": 0, "logit_weight": 0}}, r"distill.task_weight, distill.logit_weight and "
                                                          r"distill.layer_weight are all 0: training would have nothing"),

@@ -193,9 +193,9 @@ def test_warm_started_fast_vtrans_scores_on_its_own_training_data(tiny_llama_dir
     seen = []
     real = pipeline.score_masks
 
-    def recording(mm, method, batches, seed=0, procs=None):
+    def recording(mm, method, batches, seed=0, procs=None, **kw):
         seen.append((method, [b["input_ids"].clone() for b in batches]))
-        return real(mm, method, batches, seed=seed, procs=procs)
+        return real(mm, method, batches, seed=seed, procs=procs, **kw)
 
     monkeypatch.setattr(pipeline, "score_masks", recording)
     cfg = _cfg(tiny_llama_dir, tmp_path, source=str(text_file), mask__variant="fast",
@@ -221,22 +221,25 @@ def test_warm_started_fast_vtrans_scores_on_its_own_training_data(tiny_llama_dir
 
 def test_the_warm_start_scores_on_mask_init_source_when_set(tiny_llama_dir, text_file, tmp_path, monkeypatch):
     """mask.init_source: the VIB warm start ranks the units on that source's blocks (e.g. the dense model's own
-    samples), not on the training data; the masks then train on the training data as before."""
+    samples), not on the training data; the masks then train on the training data as before. mask.fisher_labels
+    reaches the scorer."""
     import vtrans.pipeline as pipeline
     from vtrans.data import lm_blocks, load_documents
-    seen = []
+    seen, labels = [], []
     real = pipeline.score_masks
 
-    def recording(mm, method, batches, seed=0, procs=None):
+    def recording(mm, method, batches, seed=0, procs=None, **kw):
         seen.append([b["input_ids"].clone() for b in batches])
-        return real(mm, method, batches, seed=seed, procs=procs)
+        labels.append(kw["fisher_labels"])
+        return real(mm, method, batches, seed=seed, procs=procs, **kw)
 
     monkeypatch.setattr(pipeline, "score_masks", recording)
     other = tmp_path / "other.txt"
     other.write_text("\n".join(d.text for d in load_documents("gensim:lee_background.cor")[200:260]))
     cfg = _cfg(tiny_llama_dir, tmp_path / "run", source=str(text_file), mask__init_source=str(other),
-               mask__init_blocks=8, budget__count_embeddings=False)
+               mask__init_blocks=8, mask__fisher_labels="model", budget__count_embeddings=False)
     metrics = run(cfg)
+    assert labels == ["model"]
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     source = {tuple(r.tolist()) for r in lm_blocks(tok, load_documents(str(other)), cfg.data.seq_len)}
     train = {tuple(r.tolist()) for r in pipeline.prepare_data(cfg, tok).train}

@@ -258,3 +258,73 @@ def test_calibrated_scores_prune_better_than_random(trained_llama):
         loss = pruned_loss(method)
         # and a calibrated score undoes at least half of that damage
         assert loss < random - 0.5 * (random - dense), (method, loss, random, dense)
+
+
+def test_model_labels_draw_from_the_predictions_and_are_seeded_by_the_tokens():
+    from vtrans.masks.scoring import model_labels
+    ids = torch.tensor([[5, 6, 7, 8]])
+    one_hot = torch.full((1, 3, 10), -1e4)
+    one_hot[0, :, 4] = 0.0
+    assert model_labels(one_hot, ids, seed=0).tolist() == [[4, 4, 4]]  # a certain prediction is its label
+    two = torch.log(torch.tensor([0.2, 0.8])).expand(1, 20000, 2).contiguous()
+    draws = model_labels(two, torch.arange(20001).unsqueeze(0), seed=0)
+    assert draws.float().mean().item() == pytest.approx(0.8, abs=0.01)  # drawn at the predicted frequencies
+    logits = torch.randn(1, 50, 30)
+    assert torch.equal(model_labels(logits, ids, 3), model_labels(logits, ids, 3))
+    assert not torch.equal(model_labels(logits, ids, 3), model_labels(logits, ids, 4))
+    assert not torch.equal(model_labels(logits, ids, 3), model_labels(logits, ids + 1, 3))
+
+
+def test_fisher_labels_model_does_not_depend_on_how_sequences_are_batched():
+    """The draws are seeded per sequence, so ranks sharing the calibration batches differently agree."""
+    rows = torch.cat([b["input_ids"] for b in _batches("lm", n=2)])
+    together = [{"input_ids": rows, "attention_mask": torch.ones_like(rows)}]
+    apart = [{"input_ids": rows[i:i + 2], "attention_mask": torch.ones_like(rows[i:i + 2])} for i in (0, 2, 4)]
+    scores = []
+    for batches in (together, apart):
+        mm = attach_masks(make_tiny("llama", "lm"), init=MaskInit(method="score"))
+        score_masks(mm, "taylor", batches, seed=1, fisher_labels="model")
+        scores.append(torch.cat([m.scores for m in mm.masks().values()]))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6)
+
+
+def test_fisher_labels_model_estimates_the_fisher_of_the_models_own_predictions():
+    """With labels drawn from the model, 1/2 E[(dL/dz)^2] estimates the Fisher, sum over positions and tokens of
+    p (d log p / dz)^2 (the curvature of the KL from the ungated model), computed here exactly over the vocabulary;
+    the text's own labels estimate something else."""
+    from vtrans.masks.scoring import _Geometry, _scoring_state, _taylor
+    mm = attach_masks(make_tiny("llama", "lm"), init=MaskInit(method="score"))
+    ids = torch.randint(3, 90, (1, 10), generator=torch.Generator().manual_seed(0))
+    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    geo = _Geometry(mm)
+    o = geo.o(0)
+    kv = geo.dense.layers[0].kv_heads
+
+    def log_probs(z):  # the heads of layer 0 gated by z, as the scorer gates them
+        def pre(module, args):
+            x = args[0]
+            return (x.reshape(*x.shape[:-1], kv, -1) * z.unsqueeze(-1)).reshape(x.shape),
+        h = o.register_forward_pre_hook(pre)
+        try:
+            return torch.log_softmax(mm.model(input_ids=ids).logits[0, :-1].float(), -1)
+        finally:
+            h.remove()
+
+    with _scoring_state(mm):
+        jac = torch.autograd.functional.jacobian(log_probs, torch.ones(kv))  # [positions, vocab, kv]
+        p = log_probs(torch.ones(kv)).exp().detach()
+        positions = p.shape[0]
+        exact = 0.5 * (p.unsqueeze(-1) * jac.pow(2)).sum((0, 1)) / positions ** 2  # the loss is a mean over positions
+        draws = torch.stack([_taylor(geo, batch, None, "model", seed).heads[0] for seed in range(400)]).mean(0)
+        data = _taylor(geo, batch, None, "data", 0).heads[0]
+    torch.testing.assert_close(draws, exact, rtol=0.2, atol=0)
+    assert not torch.allclose(data, exact, rtol=0.2, atol=0)
+
+
+def test_fisher_labels_are_checked():
+    mm = attach_masks(make_tiny("llama", "lm"), init=MaskInit(method="score"))
+    with pytest.raises(ValueError, match=r"unknown fisher_labels 'teacher'; accepted: \['data', 'model'\]"):
+        score_masks(mm, "taylor", _batches("lm"), fisher_labels="teacher")
+    cls = attach_masks(make_tiny("llama", "cls"), init=MaskInit(method="score"))
+    with pytest.raises(ValueError, match=r"fisher_labels='model' draws next tokens from a causal LM.*'cls'"):
+        score_masks(cls, "taylor", _batches("cls"), fisher_labels="model")

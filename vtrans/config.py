@@ -22,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("vtrans", "fast", "faster")
 METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
+FISHER_LABELS = ("data", "model")  # mask.fisher_labels (vtrans.masks.scoring.FISHER_LABELS)
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
 EXPORT_FORMATS = ("hf", "gguf")
@@ -218,6 +219,10 @@ class MaskConfig:
     init_source: str = ""  # VIB warm start: what the init_from scorer ranks the units on: "" the variant's own
     #                        training data; a data source (e.g. teacher:128, the dense model's own samples) read whole,
     #                        cut into data.seq_len blocks (causal LMs), of which it scores init_blocks
+    fisher_labels: str = "data"  # taylor (the warm start's and the baseline's): the labels of its Fisher on a causal
+    #                              LM: "data" the text's next tokens (empirical Fisher, damage to the next-token loss)
+    #                              | "model" drawn from the dense model's own predictions (the Fisher: damage to the
+    #                              KL from the dense model, what distillation measures)
     init_spread: float = 6.0  # warm start: log_sigma2 spreads over log_sigma2_init -/+ init_spread / 2 by score rank
     compensate: bool = False  # after materialising, refit each pruned block's output projection to its dense block's
     #                           output on compensate_blocks training sequences (closed form; vtrans.masks.compensate)
@@ -253,6 +258,7 @@ class MaskConfig:
             raise ValueError(f"mask.init_source={self.init_source!r} is what the warm start scores on, but "
                              "mask.init_from='' turns the warm start off: set mask.init_from (e.g. taylor) or "
                              "mask.init_source=''")
+        _one_of("mask.fisher_labels", self.fisher_labels, FISHER_LABELS)
         if self.init_spread <= 0:
             raise ValueError(f"mask.init_spread={self.init_spread} must be > 0")
         if self.compensate_blocks < 1:
@@ -614,6 +620,10 @@ class Config:
             if teacher:
                 raise ValueError(f"{teacher[0]!r} (teacher samples) needs a causal LM, but model.task="
                                  f"{self.model.task}")
+            if self.mask.fisher_labels != "data":
+                raise ValueError(f"mask.fisher_labels={self.mask.fisher_labels!r} draws next tokens from a causal "
+                                 f"LM's predictions, but model.task={self.model.task}: set mask.fisher_labels=data "
+                                 "(the task's own labels)")
             if self.mask.init_source:
                 raise ValueError(f"mask.init_source={self.mask.init_source!r} cuts a source into token blocks for a "
                                  f"causal LM, but model.task={self.model.task}: set mask.init_source='' (the warm "

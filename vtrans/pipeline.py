@@ -759,12 +759,14 @@ def warm_start(cfg: Config, mm: MaskedModel, train, procs=None, lockstep: bool =
     else:
         procs = None  # too few batches to share: every rank scores them all
     with stop_checks(mm.model):
-        score_masks(mm, method, batches, seed=cfg.optim.seed, procs=procs)
+        score_masks(mm, method, batches, seed=cfg.optim.seed, procs=procs, fisher_labels=cfg.mask.fisher_labels)
     if cfg.mask.method == "vib":
         spread_scores(mm, cfg.mask.init_spread)
         if everyone is not None:  # the summed scores agree; rank 0's masks make that exact
             everyone.broadcast_tensors(list(mm.mask_parameters()))
-        log.info("masks warm-started from %s scores (spread %g) in %.1f s", method, cfg.mask.init_spread,
+        model_labels = method == "taylor" and cfg.mask.fisher_labels == "model"
+        labels = " (Fisher on the model's own predictions)" if model_labels else ""
+        log.info("masks warm-started from %s scores%s (spread %g) in %.1f s", method, labels, cfg.mask.init_spread,
                  time.perf_counter() - t0)
     return time.perf_counter() - t0
 

@@ -5,6 +5,7 @@ and Taylor (LLM-Pruner style) baselines. `score_masks` fills every mask's `score
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -18,13 +19,14 @@ from ..shape import LayerShape
 from .attach import MaskedModel
 
 METHODS = ("random", "magnitude", "activation", "taylor")
+FISHER_LABELS = ("data", "model")  # taylor's labels: the text's next tokens | drawn from the model's own predictions
 NEEDS_DATA = ("activation", "taylor")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LABEL_KEYS = ("labels", "start_positions", "end_positions")
 
 
 def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = None, seed: int = 0,
-                procs=None) -> None:
+                procs=None, fisher_labels: str = "data") -> None:
     """Fill `scores` (higher = keep) of every mask of `mm` by `method`; the model and masks are otherwise left
     as they were. A head unit is one KV head with its query heads; a block is a layer's attention or FFN.
 
@@ -48,6 +50,11 @@ def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = N
       to ~0, and on tiny trained LMs it ranked units far worse than the Fisher term (no better than random on
       GPT-2). A block's estimate is its own gate's Fisher (the joint removal of its units). Loss: next-token
       cross-entropy for causal LMs; the model's own loss from `labels` (or QA positions) otherwise.
+      `fisher_labels` (causal LMs): "data" takes the text's next tokens (the empirical Fisher: the damage to the
+      next-token loss on that text); "model" draws each position's label from the model's own prediction there (the
+      Fisher itself, whose quadratic form is the KL between the model before and after the gate moves: the damage
+      a distillation objective measures; Kunstner et al. 2019 on the difference). One draw per position, seeded by
+      `seed` and the sequence's tokens, so the scores do not depend on how sequences are shared among ranks.
 
     Normalisation (decide ranks every unit of every kind against each other): activation and taylor give
     damage in one unit across kinds, so a unit's score is its damage per parameter its removal saves (from the
@@ -66,6 +73,11 @@ def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = N
     """
     if method not in METHODS:
         raise ValueError(f"unknown scoring method {method!r}; accepted: {list(METHODS)}")
+    if fisher_labels not in FISHER_LABELS:
+        raise ValueError(f"unknown fisher_labels {fisher_labels!r}; accepted: {list(FISHER_LABELS)}")
+    if fisher_labels == "model" and mm.dense.head != "lm":
+        raise ValueError(f"fisher_labels='model' draws next tokens from a causal LM's predictions, but the model's "
+                         f"head is {mm.dense.head!r}; accepted there: 'data'")
     if method in NEEDS_DATA and batches is None:
         raise ValueError(f"scoring method {method!r} needs calibration batches; methods without data: "
                          f"{[m for m in METHODS if m not in NEEDS_DATA]}")
@@ -78,7 +90,10 @@ def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = N
         est = _magnitude(geo)
     else:
         with _scoring_state(mm):
-            est = _activation(geo, batches, procs) if method == "activation" else _taylor(geo, batches, procs)
+            if method == "activation":
+                est = _activation(geo, batches, procs)
+            else:
+                est = _taylor(geo, batches, procs, fisher_labels, seed)
     scores = _per_parameter(geo, est) if est.comparable else _per_kind_median(geo, est)
     scale = torch.cat([s.flatten() for s in scores.values()]).median()
     if scale > 0:  # one factor for all: the ranking is unchanged, the numbers readable
@@ -397,14 +412,19 @@ def _sequences(batch: dict) -> list[dict]:
              for k, v in batch.items()} for j in range(n)]
 
 
-def _loss(mm: MaskedModel, batch: dict, device) -> torch.Tensor | None:
-    """The calibration loss of one sequence; None when it has nothing to predict."""
+def _loss(mm: MaskedModel, batch: dict, device, fisher_labels: str = "data", seed: int = 0) -> torch.Tensor | None:
+    """The calibration loss of one sequence; None when it has nothing to predict. With fisher_labels="model" a causal
+    LM's next tokens are drawn from its own (detached) predictions instead of read from the text."""
     inputs = _inputs(batch, device)
     if mm.dense.head == "lm":
         mask = inputs.get("attention_mask")
         if mask is not None and int(mask[:, 1:].sum()) == 0 or inputs["input_ids"].shape[1] < 2:
             return None
-        return lm_loss(mm.model(**inputs).logits, inputs["input_ids"], mask)
+        logits = mm.model(**inputs).logits
+        ids = inputs["input_ids"]
+        if fisher_labels == "model":
+            ids = torch.cat([ids[:, :1], model_labels(logits[:, :-1], ids, seed)], dim=1)
+        return lm_loss(logits, ids, mask)
     labels = _inputs(batch, device, LABEL_KEYS)
     if not labels:
         raise ValueError(f"scoring method 'taylor' on a {mm.dense.head!r} model needs labels in the calibration "
@@ -412,7 +432,17 @@ def _loss(mm: MaskedModel, batch: dict, device) -> torch.Tensor | None:
     return mm.model(**inputs, **labels).loss
 
 
-def _taylor(geo: _Geometry, batches: Iterable[dict], procs=None) -> _Estimates:
+def model_labels(logits: torch.Tensor, ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """One token per position drawn from softmax(logits) ([batch, positions, vocab] -> [batch, positions]), from a
+    generator seeded by `seed` and the tokens `ids` (the same sequence draws the same labels on any rank)."""
+    digest = hashlib.sha256(ids.detach().cpu().numpy().tobytes() + int(seed).to_bytes(8, "little", signed=True))
+    g = torch.Generator(device=logits.device).manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+    probs = torch.softmax(logits.detach().float(), dim=-1).reshape(-1, logits.shape[-1])
+    return torch.multinomial(probs, 1, generator=g).reshape(logits.shape[:-1])
+
+
+def _taylor(geo: _Geometry, batches: Iterable[dict], procs=None, fisher_labels: str = "data",
+            seed: int = 0) -> _Estimates:
     mm, handles = geo.mm, []
     n_layers = len(geo.layers)
 
@@ -450,7 +480,7 @@ def _taylor(geo: _Geometry, batches: Iterable[dict], procs=None) -> _Estimates:
         n_sequences = 0
         for batch in batches:
             for seq in _sequences(batch):
-                loss = _loss(mm, seq, geo.device)
+                loss = _loss(mm, seq, geo.device, fisher_labels, seed)
                 if loss is None:
                     continue
                 grads = torch.autograd.grad(loss, [gates[k] for k in keys], allow_unused=True)
