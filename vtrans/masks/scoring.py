@@ -52,8 +52,8 @@ def score_masks(mm: MaskedModel, method: str, batches: Iterable[dict] | None = N
       cross-entropy for causal LMs; the model's own loss from `labels` (or QA positions) otherwise.
       `fisher_labels` (causal LMs): "data" takes the text's next tokens (the empirical Fisher: the damage to the
       next-token loss on that text); "model" draws each position's label from the model's own prediction there (the
-      Fisher itself, whose quadratic form is the KL between the model before and after the gate moves: the damage
-      a distillation objective measures; Kunstner et al. 2019 on the difference). One draw per position, seeded by
+      Fisher itself: 1/2 dz^2 F is the KL between the model before and after the gate moves, to second order, the
+      damage a distillation objective measures; Kunstner et al. 2019 on the difference). One draw per position, seeded by
       `seed` and the sequence's tokens, so the scores do not depend on how sequences are shared among ranks.
 
     Normalisation (decide ranks every unit of every kind against each other): activation and taylor give
