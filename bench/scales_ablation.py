@@ -1,11 +1,13 @@
 """Where a Faster-VTrans model's quality comes from: its decision (which units it keeps) against its masks' learned
-scales (each kept unit's mu, folded into the weights at materialisation).
+scales (each kept unit's mu and, with mask.gains, each block's output gains, folded into the weights at
+materialisation).
 
 Reads a finished Faster-VTrans run directory (its run.json config, metrics.json and the end-of-training checkpoint of a
 single-process run), rebuilds the masked model from the dense weights and the checkpoint's masks, and materialises the
 same decision twice: with the learned scales (what the job saved: its perplexities are reproduced) and with every kept
-unit's scale set to 1 (the selection alone). Both are evaluated on the run's held-out text and evaluation domains; the
-ratios to the dense model use the run's own dense perplexities, summarised as bench/quality.py does.
+unit's scale and every gain set to 1 (the selection alone). Both are evaluated on the run's held-out text and
+evaluation domains; the ratios to the dense model use the run's own dense perplexities, summarised as
+bench/quality.py does.
 
     OMP_NUM_THREADS=1 python bench/scales_ablation.py runs/s8/default_s0/faster-0.8 [--out scales.json]
 """
@@ -48,8 +50,9 @@ def run_config(run: Path) -> Config:
     return cfg
 
 
-def mask_states(run: Path, cfg: Config) -> dict:
-    """{mask name: state dict} from the run's latest end-of-training checkpoint (a single-process engine's)."""
+def mask_states(run: Path, cfg: Config, prefix: str = "mask.") -> dict:
+    """{mask name: state dict} from the run's latest end-of-training checkpoint (a single-process engine's); with
+    prefix "gain." the blocks' output gains."""
     latest = Checkpointer.from_config(cfg.checkpoint, run, {}).latest()
     if latest is None:
         raise FileNotFoundError(f"no readable checkpoint under {run / 'checkpoints'}: the run must keep its "
@@ -57,7 +60,7 @@ def mask_states(run: Path, cfg: Config) -> dict:
     if not (latest / "engine.pt").is_file():
         raise ValueError(f"{latest} holds no engine.pt (a DeepSpeed checkpoint?); accepted: a single-process run's")
     extra = torch.load(latest / "engine.pt", map_location="cpu", weights_only=False)["module"]["_extra_state"]
-    return {k[len("mask."):]: v for k, v in extra.items() if k.startswith("mask.")}
+    return {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
 
 
 def ablate(run: Path, settings=SETTINGS) -> dict:
@@ -71,9 +74,11 @@ def ablate(run: Path, settings=SETTINGS) -> dict:
     domains = P.domain_data(cfg, tokenizer)
     mm = P.attach(cfg, model)
     states = mask_states(run, cfg)
-    masks = mm.masks()
-    if set(states) != set(masks):
-        raise ValueError(f"the checkpoint's masks {sorted(set(states) ^ set(masks))[:5]} do not match the run's model")
+    masks, gains = mm.masks(), mm.gains()
+    gain_states = mask_states(run, cfg, "gain.") if gains else {}
+    if set(states) != set(masks) or set(gain_states) != set(gains):
+        differ = sorted((set(states) ^ set(masks)) | (set(gain_states) ^ set(gains)))
+        raise ValueError(f"the checkpoint's masks {differ[:5]} do not match the run's model")
     out = {}
     for setting in settings:
         if setting not in SETTINGS:
@@ -83,6 +88,11 @@ def ablate(run: Path, settings=SETTINGS) -> dict:
             if setting == "unit":
                 with torch.no_grad():
                     m.mu.fill_(1.0)
+        for name, g in gains.items():
+            g.load_state_dict(gain_states[name])
+            if setting == "unit":
+                with torch.no_grad():
+                    g.scale.fill_(1.0)
         pruned = P.materialise(cfg, mm, mm.decision(), build=True)
         m = dict(metrics)
         m["ppl_pruned"] = P.evaluate(pruned, tokenizer, cfg, data.held, "pruned", lm_eval=False)["ppl"]

@@ -13,7 +13,7 @@ from tests.test_prune_job import _cfg
 from tests.tiny import make_tiny, save_tiny_with_tokenizer
 from vtrans.config import Config, MixSource, load_config
 from vtrans.jobs import run
-from vtrans.masks.attach import attach_masks
+from vtrans.masks.attach import MaskInit, attach_masks
 from vtrans.masks.compensate import _refit, compensate
 from vtrans.masks.decide import Budget, decide
 from vtrans.masks.materialize import materialize
@@ -148,15 +148,19 @@ def test_each_refitted_ffn_is_the_best_fit_to_its_dense_block_on_the_inputs_it_g
     assert checked >= 2
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_with_the_mask_scales_a_large_ridge_returns_the_materialised_model(family):
-    """The masks' own scales (not 1) on every unit: the refit's reference is the masked block, and its ridge pulls
-    towards the materialised weights; without the scales a large ridge resets the kept units' scales to 1."""
+@pytest.mark.parametrize("family,gains", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_with_the_mask_scales_a_large_ridge_returns_the_materialised_model(family, gains):
+    """The masks' own scales (not 1) on every unit (and with mask.gains random block gains): the refit's reference is
+    the masked block, and its ridge pulls towards the materialised weights; without the scales a large ridge resets
+    the kept units' scales to 1."""
     from vtrans.masks.compensate import mask_scales
     model = make_tiny(family, "lm").eval()
     calibration = [_inputs(s) for s in range(2)]
-    mm = attach_masks(model)
+    mm = attach_masks(model, init=MaskInit(gains=gains))
     _random_masks(mm, 3, mu=lambda g, n: 0.3 + torch.rand(n, generator=g))
+    with torch.no_grad():
+        for gain in mm.gains().values():
+            gain.scale.uniform_(0.5, 1.5)
     d = decide(mm, Budget("params_ratio", 0.7))
     with mm.disabled():
         materialised = materialize(mm, d)

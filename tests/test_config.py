@@ -77,6 +77,9 @@ def test_wrong_type_fails_naming_the_key():
     ("deepspeed.sub_group_size=0", r"deepspeed.sub_group_size=0 must be >= 1"),
     ("deepspeed.reduce_bucket_size=-1", r"deepspeed.reduce_bucket_size=-1 must be >= 0"),
     ("deepspeed.host_mmap_threshold=-1", r"deepspeed.host_mmap_threshold=-1 must be >= 0 \(bytes"),
+    ("mask.gains=true mask.method=taylor",
+     r"mask.gains=true trains the blocks' output gains with the VIB masks, but mask.method='taylor'.*mask.gains=false"),
+    ("optim.gain_lr=0", r"optim.gain_lr=0.0 must be > 0"),
 ])
 def test_bad_values_fail_at_validation(override, match):
     cfg = _compose(override.split())

@@ -79,11 +79,11 @@ def token_data(n: int = 32, seq: int = 16) -> torch.Tensor:
 
 
 def build(log_sigma2: float = QUIET_SIGMA, randomise: bool = False, teacher: bool = False):
-    """A tiny GQA LLaMA with every structure masked, in a PruningModule (masks only, or with weights and a separate
-    frozen teacher); the same on every process."""
+    """A tiny GQA LLaMA with every structure masked and the blocks' output gains (mask.gains), in a PruningModule
+    (masks only, or with weights and a separate frozen teacher); the same on every process."""
     model = make_tiny("llama").train()
     torch.manual_seed(0)
-    mm = attach_masks(model, init=MaskInit(log_sigma2=log_sigma2))
+    mm = attach_masks(model, init=MaskInit(log_sigma2=log_sigma2, gains=True))
     if randomise:  # units on both sides of the keep threshold, so the expected size is below dense
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -93,7 +93,7 @@ def build(log_sigma2: float = QUIET_SIGMA, randomise: bool = False, teacher: boo
     module = PruningModule(mm, Budget("params_ratio", 0.6), beta=1e-5, kl_weights=KL_WEIGHTS, task_weight=1.0,
                            logit_weight=1.0, temperature=2.0, layer_weight=1.0 if teacher else 0.0, layer_every=1,
                            warmup_steps=2, train_weights=teacher, teacher=make_tiny("llama") if teacher else None)
-    return mm, module, module.param_groups(0.1, 1e-3, 0.1, 1e-3)
+    return mm, module, module.param_groups(0.1, 1e-3, 0.1, 1e-3, 0.01)
 
 
 def train(engine, steps: int = STEPS, checkpointer=None, on_log=None):
@@ -102,9 +102,12 @@ def train(engine, steps: int = STEPS, checkpointer=None, on_log=None):
 
 
 def mask_state(module) -> dict[str, torch.Tensor]:
-    """Every mask's mu / log_sigma2 and the Lagrange multipliers (replicated: whole on every rank)."""
+    """Every mask's mu / log_sigma2, every block gain and the Lagrange multipliers (replicated: whole on every
+    rank)."""
     state = {f"{name}.{p}": getattr(m, p).detach().clone().float().cpu()
              for name, m in module.masked.masks().items() for p in ("mu", "log_sigma2")}
+    state.update({f"{name}.scale": g.scale.detach().clone().float().cpu()
+                  for name, g in module.masked.gains().items()})
     state["lambdas"] = module.lagrangian.lambdas.detach().clone().float().cpu()
     return state
 

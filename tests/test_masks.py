@@ -5,7 +5,7 @@ import torch
 
 from tests.tiny import make_tiny
 from vtrans.accounting import model_numel, param_count
-from vtrans.masks.attach import STRUCTURES, attach_masks
+from vtrans.masks.attach import STRUCTURES, MaskInit, attach_masks
 from vtrans.masks.decide import Budget, check_reachable, decide
 from vtrans.masks.materialize import materialize
 from vtrans.models import shape_of
@@ -275,3 +275,45 @@ def test_multiple_of_rounds_hidden_and_neurons_and_still_materialises_exactly():
     pruned = materialize(mm)
     assert model_numel(pruned) == d.fit["size"]
     torch.testing.assert_close(_outputs(pruned, x), masked_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,head", CASES)
+def test_block_gains_start_as_identity_and_materialise_exactly(family, head):
+    """mask.gains: each block's per-channel output gain leaves the model unchanged at 1, and a decision with random
+    gains (and random unit scales) materialises into a model computing what the hard-masked model computes."""
+    model = make_tiny(family, head)
+    x = _inputs(family)
+    mm = attach_masks(model, init=MaskInit(gains=True))
+    assert len(mm.gains()) == 2 * len(mm.dense.layers) and not set(mm.gain_parameters()) & set(mm.mask_parameters())
+    with torch.no_grad():
+        for m in mm.masks().values():
+            m.mu.fill_(1.0)
+        with mm.disabled():
+            ref = _outputs(model, x)
+        torch.testing.assert_close(_outputs(model, x), ref)
+    _randomise(mm)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for gain in mm.gains().values():
+            gain.scale.copy_(1 + 0.5 * torch.randn(gain.n, generator=g))
+    d = decide(mm, Budget("params_ratio", 0.6))
+    assert all(ld.attention_gain is not None and ld.ffn_gain is not None for ld in d.layers)
+    masked_out = _outputs(model, x)
+    pruned = materialize(mm)
+    torch.testing.assert_close(_outputs(pruned, x), masked_out, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the gains are in the materialised weights: unit gains give another model
+        for gain in mm.gains().values():
+            gain.scale.fill_(1.0)
+    last = pruned(**x, output_hidden_states=True).hidden_states[-1]
+    differ = (materialize(mm)(**x, output_hidden_states=True).hidden_states[-1] - last).abs().max()
+    assert differ > 1e-3 * last.abs().max()  # (post-norm tiny models: blocks write little to the stream)
+
+
+def test_block_gains_train_with_the_masks():
+    model = make_tiny("llama", "lm")
+    mm = attach_masks(model, init=MaskInit(gains=True))
+    model.train()
+    out = model(**_inputs("llama"))
+    out.logits.float().pow(2).mean().backward()
+    for name, gain in mm.gains().items():
+        assert gain.scale.grad is not None and gain.scale.grad.abs().sum() > 0, name

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, STOP_AT = 6, 3
 NOISY = -9.0  # the default log sigma^2: the VIB noise matters, so the RNG states must be restored too
 NEURONS = "layers.0.neurons.mu"
+GAIN = "layers.0.ffn_gain.scale"
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +81,7 @@ def test_single_process_resume_equals_uninterrupted(tmp_path, uninterrupted):
     _assert_same_masks(module, ref_masks)
     initial = mask_state(build(log_sigma2=NOISY)[1])
     assert not torch.allclose(ref_masks[NEURONS], initial[NEURONS])  # the masks did train
+    assert not torch.allclose(ref_masks[GAIN], initial[GAIN])  # and the gains, restored with them
 
 
 def test_lr_schedules_warm_up_then_decay_to_zero_after_the_last_step():

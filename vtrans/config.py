@@ -233,10 +233,16 @@ class MaskConfig:
     #                              sequence at most once); a data source (e.g. teacher:512) read whole, cut into
     #                              data.seq_len blocks (causal LMs)
     compensate_damp: float = 0.01  # ridge on the kept units' Gram matrix, as a share of its mean diagonal
+    gains: bool = False  # VIB: train a per-channel output gain on every attention and FFN block with the masks (at
+    #                      optim.gain_lr; starts at 1, prunes nothing, no KL), folded into the block's output projection
 
     def __post_init__(self):
         _one_of("mask.variant", self.variant, VARIANTS)
         _one_of("mask.method", self.method, METHODS)
+        if self.gains and self.method != "vib":
+            raise ValueError(f"mask.gains=true trains the blocks' output gains with the VIB masks, but mask.method="
+                             f"{self.method!r} is a one-shot baseline that trains nothing: use mask.method=vib or "
+                             "mask.gains=false")
         if not self.structures:
             raise ValueError(f"mask.structures is empty; choose some of {list(STRUCTURES)}")
         for s in self.structures:
@@ -309,6 +315,7 @@ class OptimConfig:
     weight_lr: float = 2e-5  # used by the vtrans / fast variants and fine-tuning
     lambda_lr: float = 0.1  # Lagrange multipliers (gradient ascent)
     distill_lr: float = 1e-3  # layer-distillation map
+    gain_lr: float = 0.01  # the blocks' output gains (mask.gains=true)
     weight_decay: float = 0.0
     clip: float = 1.0
     seed: int = 0
@@ -321,7 +328,7 @@ class OptimConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 1")
-        for name in ("mask_lr", "lambda_lr"):
+        for name in ("mask_lr", "lambda_lr", "gain_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"optim.{name}={getattr(self, name)} must be > 0")
 

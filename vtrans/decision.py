@@ -50,6 +50,8 @@ class LayerDecision:
     neurons: Kept  # empty: the FFN block is removed
     attention_scale: float = 1.0  # the block mask's mu (1 when unmasked)
     ffn_scale: float = 1.0
+    attention_gain: torch.Tensor | None = None  # the block's output gain per dense hidden channel (mask.gains; None: 1)
+    ffn_gain: torch.Tensor | None = None
 
     @property
     def present(self) -> bool:
@@ -106,6 +108,9 @@ class Decision:
                 return True, 1.0
             return bool(mask.kept().all()), float(mask.hard_values()[0])
 
+        def gain(g):
+            return None if g is None else g.scale.detach().float().cpu().clone()
+
         layers = []
         for ls, lm in zip(dense.layers, mm.layers):
             heads, neurons = kept(lm.heads, ls.kv_heads), kept(lm.neurons, ls.intermediate)
@@ -113,7 +118,8 @@ class Decision:
             ffn_kept, ffn_scale = block(lm.ffn)
             counts = layer_shape(len(heads), attn_kept, len(neurons), ffn_kept, mm.group)
             layers.append(LayerDecision(heads if counts.kv_heads else Kept.none(),
-                                        neurons if counts.intermediate else Kept.none(), attn_scale, ffn_scale))
+                                        neurons if counts.intermediate else Kept.none(), attn_scale, ffn_scale,
+                                        gain(lm.attention_gain), gain(lm.ffn_gain)))
         return cls(dense, mm.group, kept(mm.hidden, dense.hidden), layers)
 
     @classmethod

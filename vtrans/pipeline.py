@@ -725,7 +725,8 @@ def attach(cfg: Config, model) -> MaskedModel:
     mask = cfg.mask
     return attach_masks(model, mask.structures, MaskInit(method=mask.method, mu=mask.mu_init, mu_std=mask.mu_std,
                                                          log_sigma2=mask.log_sigma2_init,
-                                                         log_sigma2_std=mask.log_sigma2_std, k=mask.k))
+                                                         log_sigma2_std=mask.log_sigma2_std, k=mask.k,
+                                                         gains=mask.gains))
 
 
 def frozen_teacher(cfg: Config, model, sharded=None):

@@ -37,7 +37,7 @@ class PruningModule(nn.Module):
         self.head = mm.dense.head  # "lm", "qa" or a classifier: picks the task loss and the distillation
         for p in self.model.parameters():
             p.requires_grad_(train_weights)
-        for p in mm.mask_parameters() if mm.masks() else []:
+        for p in (mm.mask_parameters() if mm.masks() else []) + mm.gain_parameters():
             p.requires_grad_(True)
         for m in mm.masks().values():
             if m.method == "vib":
@@ -49,7 +49,8 @@ class PruningModule(nn.Module):
         return self._mm
 
     def _replicated_modules(self) -> dict[str, nn.Module]:
-        return {"lagrangian": self.lagrangian, **{f"mask.{n}": m for n, m in self._mm.masks().items()}}
+        return {"lagrangian": self.lagrangian, **{f"mask.{n}": m for n, m in self._mm.masks().items()},
+                **{f"gain.{n}": g for n, g in self._mm.gains().items()}}
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -64,13 +65,17 @@ class PruningModule(nn.Module):
         for name, m in self._replicated_modules().items():
             m.load_state_dict(state[name])
 
-    def param_groups(self, mask_lr: float, weight_lr: float, lambda_lr: float, distill_lr: float) -> list[dict]:
-        mask_ids = {id(p) for p in self._mm.mask_parameters()}
+    def param_groups(self, mask_lr: float, weight_lr: float, lambda_lr: float, distill_lr: float,
+                     gain_lr: float = 0.01) -> list[dict]:
+        mask_ids = {id(p) for p in self._mm.mask_parameters() + self._mm.gain_parameters()}
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in mask_ids]
         groups = [{"name": "masks", "params": self._mm.mask_parameters(), "lr": mask_lr, "weight_decay": 0.0,
                    "replicated": True},
                   {"name": "lambdas", "params": [self.lagrangian.lambdas], "lr": lambda_lr, "weight_decay": 0.0,
                    "replicated": True}]
+        if self._mm.gains():
+            groups.append({"name": "gains", "params": self._mm.gain_parameters(), "lr": gain_lr, "weight_decay": 0.0,
+                           "replicated": True})
         if weights:
             groups.append({"name": "weights", "params": weights, "lr": weight_lr})
         if self.layer_distill is not None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..decision import Decision
 from ..models import Family, base_model, family_of, get_module, shape_of
 from ..shape import STRUCTURES, LayerShape, ModelShape
-from .vib import StructureMask
+from .vib import BlockGain, StructureMask
 
 
 @dataclass
@@ -28,6 +28,7 @@ class MaskInit:
     log_sigma2: float = -9.0
     log_sigma2_std: float = 0.01
     k: float = 10.0
+    gains: bool = False  # a trained per-channel output gain on every attention and FFN block (BlockGain)
 
 
 @dataclass
@@ -36,6 +37,8 @@ class LayerMasks:
     attention: StructureMask | None = None
     neurons: StructureMask | None = None
     ffn: StructureMask | None = None
+    attention_gain: BlockGain | None = None
+    ffn_gain: BlockGain | None = None
 
 
 @dataclass
@@ -65,9 +68,22 @@ class MaskedModel:
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.masks().values() for p in m.parameters() if p.requires_grad]
 
+    def gains(self) -> dict[str, BlockGain]:
+        """The blocks' output gains (mask.gains), by name; empty without them."""
+        out = {}
+        for i, lm in enumerate(self.layers):
+            for kind in ("attention_gain", "ffn_gain"):
+                g = getattr(lm, kind)
+                if g is not None:
+                    out[f"layers.{i}.{kind}"] = g
+        return out
+
+    def gain_parameters(self) -> list[nn.Parameter]:
+        return [g.scale for g in self.gains().values()]
+
     def to(self, device) -> "MaskedModel":
-        """Move the masks (not the model) to `device`; they keep float32."""
-        for m in self.masks().values():
+        """Move the masks and gains (not the model) to `device`; they keep float32."""
+        for m in [*self.masks().values(), *self.gains().values()]:
             m.to(device=device)
         return self
 
@@ -205,7 +221,9 @@ def attach_masks(model: nn.Module, structures=STRUCTURES, init: MaskInit | None 
             heads=new("heads", ls.kv_heads) if "heads" in structures else None,
             attention=new("attention", 1) if "attention" in structures else None,
             neurons=new("neurons", ls.intermediate) if "neurons" in structures else None,
-            ffn=new("ffn", 1) if "ffn" in structures else None))
+            ffn=new("ffn", 1) if "ffn" in structures else None,
+            attention_gain=BlockGain("attention_gain", dense.hidden) if init.gains else None,
+            ffn_gain=BlockGain("ffn_gain", dense.hidden) if init.gains else None))
     mm = MaskedModel(model, family, dense, hidden, layer_masks, group)
     device = next(model.parameters()).device
     mm.to(device if device.type != "meta" else "cpu")
@@ -269,12 +287,14 @@ def _register_hooks(mm: MaskedModel, base: nn.Module, layers_mod) -> None:
                 lambda m, a, mk=lm.neurons: ((_apply_channels(mk, a[0], m.training),) + tuple(a[1:]))
                 if active() else None))
 
-        def block_out(block: StructureMask | None, units: StructureMask | None):
+        def block_out(block: StructureMask | None, units: StructureMask | None, gain: BlockGain | None):
             def fn(module, args, out):
                 if not active():
                     return None
                 if block is not None:
                     out = _apply(block, out, module.training, 1)
+                if gain is not None:
+                    out = gain(out)
                 if units is not None and units.hard_zero():
                     out = out * 0  # a block with no heads / neurons left is removed, biases included
                 if H is not None and not fam.post_norm:
@@ -282,8 +302,8 @@ def _register_hooks(mm: MaskedModel, base: nn.Module, layers_mod) -> None:
                 return out
             return fn
 
-        hook(o.register_forward_hook(block_out(lm.attention, lm.heads)))
-        hook(down.register_forward_hook(block_out(lm.ffn, lm.neurons)))
+        hook(o.register_forward_hook(block_out(lm.attention, lm.heads, lm.attention_gain)))
+        hook(down.register_forward_hook(block_out(lm.ffn, lm.neurons, lm.ffn_gain)))
         gates = ((lm.attention, lm.heads), (lm.ffn, lm.neurons))
         for path, g in zip(fam.norms, gates):
             if fam.post_norm or H is not None:

@@ -233,7 +233,7 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
             ref = _reference(dense_layer, attn_path, fam.qkv, hk, full_hidden, fam.conv1d).to(device)
             gram = gram_of(layer, ref, attn_path, fam.o, states)
             q_ch = query_channels(heads.index, group, dh)
-            out_scale = block_out_scale(post, hmu, a)
+            out_scale = block_out_scale(post, hmu, a, ld.attention_gain, hk)
             w_ref = _weight_out_in(get_module(dense_layer, fam.o), fam.conv1d).detach().float().cpu()
             w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
             if unit_scales is not None and unit_scales[i][0] is not None:  # each KV head's scale on its query channels
@@ -245,7 +245,7 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
         if 0 < len(neurons) < n_neurons_dense:
             ref = _reference(dense_layer, ffn_path, fam.ffn_in, hk, full_hidden, fam.conv1d).to(device)
             gram = gram_of(layer, ref, ffn_path, fam.ffn_out, states)
-            out_scale = block_out_scale(post, hmu, f)
+            out_scale = block_out_scale(post, hmu, f, ld.ffn_gain, hk)
             w_ref = _weight_out_in(get_module(dense_layer, fam.ffn_out), fam.conv1d).detach().float().cpu()
             w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
             if unit_scales is not None and unit_scales[i][1] is not None:

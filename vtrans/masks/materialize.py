@@ -200,10 +200,15 @@ def query_channels(kv_idx: torch.Tensor, group: int, head_dim: int) -> torch.Ten
     return (q_heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
 
 
-def block_out_scale(post: bool, hmu: torch.Tensor, block_scale: float) -> torch.Tensor:
-    """What a block's output projection is scaled by per kept hidden channel: its block mask's mu, and under pre-norm
-    the hidden mask's too (post-norm folds that into the norm after the block)."""
-    return torch.full_like(hmu, block_scale) if post else block_scale * hmu
+def block_out_scale(post: bool, hmu: torch.Tensor, block_scale: float, gain: torch.Tensor | None = None,
+                    hk: torch.Tensor | None = None) -> torch.Tensor:
+    """What a block's output projection is scaled by per kept hidden channel: its block mask's mu, its output gain
+    (`gain`, per dense hidden channel, read at the kept channels `hk`), and under pre-norm the hidden mask's mu too
+    (post-norm folds that into the norm after the block)."""
+    scale = torch.full_like(hmu, block_scale) if post else block_scale * hmu
+    if gain is not None:
+        scale = scale * gain.float().index_select(0, hk)
+    return scale
 
 
 def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: torch.Tensor) -> dict:
@@ -214,7 +219,8 @@ def _slice_layer(fam, sd: dict, ld, dense, group: int, hk: torch.Tensor, hmu: to
     kv_idx, kv_mu = ld.heads.index, ld.heads.scale.float()
     n_idx, n_mu = ld.neurons.index, ld.neurons.scale.float()
     a, f = ld.attention_scale, ld.ffn_scale
-    out_scale_attn, out_scale_ffn = block_out_scale(post, hmu, a), block_out_scale(post, hmu, f)
+    out_scale_attn = block_out_scale(post, hmu, a, ld.attention_gain, hk)
+    out_scale_ffn = block_out_scale(post, hmu, f, ld.ffn_gain, hk)
 
     def norm(path: str, scale=None):
         for suffix in (".weight", ".bias"):

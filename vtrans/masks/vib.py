@@ -100,3 +100,21 @@ class StructureMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n={self.n}, method={self.method}"
+
+
+class BlockGain(nn.Module):
+    """A block's per-channel output gain (`mask.gains`): one trained float32 scale per hidden channel that multiplies
+    an attention or FFN block's output, initialised at 1. It prunes nothing and carries no KL: it lets the masks
+    rescale what a pruned block writes to the residual stream, channel by channel (a kept unit's mu rescales the
+    unit, this the block's output rows), and materialisation folds it into the block's output projection."""
+
+    def __init__(self, kind: str, n: int):
+        super().__init__()
+        self.kind, self.n = kind, n
+        self.scale = nn.Parameter(torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, n={self.n}"
