@@ -318,3 +318,111 @@ def test_compensation_refuses_zero3_before_anything_loads():
     OmegaConf.update(raw, "deepspeed.stage", 3)
     with pytest.raises(ValueError, match="mask.compensate=true .* ZeRO-3"):
         load_config(raw)
+
+
+def test_the_stream_correction_fits_each_block_to_the_dense_stream():
+    """mask.compensate_correct=1: every cut FFN's output projection is the least-squares optimum (tiny ridge) for
+    putting its layer's output stream where the dense model's is, in the pruned model's coordinates (kept hidden
+    channels times the hidden mask's scale, not 1 here): the error's gradient in those weights vanishes, where the
+    block-local refit's does not."""
+    model = make_tiny("llama", "lm").eval()
+    dense = copy.deepcopy(model)
+    calibration = [_inputs(s) for s in range(4)]
+    mm = attach_masks(model)
+    _random_masks(mm, 1, mu=lambda g, n: 0.6 + 0.8 * torch.rand(n, generator=g))
+    d = decide(mm, Budget("params_ratio", 0.7))
+    assert len(d.hidden) < d.dense.hidden
+    hk, hmu = d.hidden.index, d.hidden.scale.float()
+    with mm.disabled():
+        pruned = materialize(mm, d)
+        local = copy.deepcopy(pruned)
+        info = compensate(pruned, model, d, calibration, damp=1e-9, correct=1.0, unmasked=mm.disabled)
+        compensate(local, model, d, calibration, damp=1e-9)
+    assert info["compensation_correct"] == 1.0
+
+    def captured(net, j):
+        """Layer j's FFN unit outputs (down_proj's input) and its output stream, over the calibration batches."""
+        xs, outs = [], []
+        layer = net.model.layers[j]
+        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0])),
+                 layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))]
+        with torch.no_grad():
+            for b in calibration:
+                net(**b)
+        for h in hooks:
+            h.remove()
+        return torch.cat(xs).double().flatten(0, 1), torch.cat(outs).double().flatten(0, 1)
+
+    checked = 0
+    for j, i in enumerate(d.kept_layers()):
+        if not 0 < len(d.layers[i].neurons) < d.dense.layers[i].intermediate:
+            continue
+        _, t = captured(dense, i)
+        t = t.index_select(-1, hk) * hmu.double()
+        grads = []
+        for net in (pruned, local):
+            x, h = captured(net, j)
+            grads.append((x.t() @ (h - t)).norm().item() / (x.t() @ t).norm().item())
+        assert grads[0] < 1e-4 and grads[0] < 1e-3 * grads[1], (j, grads)
+        checked += 1
+    assert checked >= 2
+
+
+def test_the_stream_correction_moves_the_refit_between_the_two_targets():
+    """0 is the block-local refit exactly; a share in between lands between the two ends."""
+    model = make_tiny("llama", "lm").eval()
+    calibration = [_inputs(s) for s in range(2)]
+    mm = attach_masks(model)
+    _random_masks(mm, 2)
+    d = decide(mm, Budget("params_ratio", 0.7))
+    fits = {}
+    with mm.disabled():
+        base = materialize(mm, d)
+        for c in (0.0, 0.5, 1.0):
+            net = copy.deepcopy(base)
+            compensate(net, model, d, calibration, damp=1e-3, correct=c, unmasked=mm.disabled if c else None)
+            fits[c] = net.state_dict()
+        plain = copy.deepcopy(base)
+        compensate(plain, model, d, calibration, damp=1e-3)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fits[0.0][k], v)
+    first = next(k for k in fits[1.0] if k.endswith("layers.0.mlp.down_proj.weight"))
+    a, m, b = (fits[c][first] for c in (0.0, 0.5, 1.0))
+    assert not torch.allclose(a, b)
+    assert (m - a).norm() < (b - a).norm() and (m - b).norm() < (b - a).norm()
+
+
+def test_the_stream_correction_refuses_a_post_norm_family():
+    model = make_tiny("bert", "cls").eval()
+    mm = attach_masks(model)
+    _random_masks(mm, 1)
+    d = decide(mm, Budget("params_ratio", 0.7))
+    with mm.disabled():
+        pruned = materialize(mm, d)
+        with pytest.raises(ValueError, match="needs a pre-norm family; bert"):
+            compensate(pruned, model, d, [_inputs(0)], correct=0.5, unmasked=mm.disabled)
+
+
+def test_the_prune_job_runs_the_stream_correction(tiny_llama_dir, text_file, tmp_path):
+    kw = dict(source=str(text_file), budget__count_embeddings=False, budget__target=0.7, mask__variant="faster",
+              mask__compensate=True, mask__compensate_blocks=16, mask__compensate_guard_blocks=0)
+    local = run(_cfg(tiny_llama_dir, tmp_path / "local", **kw))
+    corrected = run(_cfg(tiny_llama_dir, tmp_path / "corrected", mask__compensate_correct=0.5, **kw))
+    assert corrected["compensation_correct"] == 0.5 and "compensation_correct" not in local
+    assert corrected["shape_pruned"] == local["shape_pruned"]
+    assert corrected["ppl_pruned"] != local["ppl_pruned"]
+
+
+@pytest.mark.parametrize("sets,words", [
+    ({"mask.compensate": True, "mask.compensate_correct": 1.5}, r"compensate_correct=1.5 must lie in \[0, 1\]"),
+    ({"mask.compensate_correct": 0.5}, "mask.compensate=false turns off"),
+    ({"mask.compensate": True, "mask.compensate_correct": 0.5, "mask.variant": "vtrans"},
+     "mask.variant='vtrans' trains the weights"),
+])
+def test_bad_stream_correction_settings_fail_early(sets, words):
+    from omegaconf import OmegaConf
+    raw = OmegaConf.structured(Config())
+    for k, v in sets.items():
+        OmegaConf.update(raw, k, v)
+    with pytest.raises(ValueError, match=words):
+        load_config(raw)

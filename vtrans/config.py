@@ -233,6 +233,10 @@ class MaskConfig:
     #                              sequence at most once); a data source (e.g. teacher:512) read whole, cut into
     #                              data.seq_len blocks (causal LMs)
     compensate_damp: float = 0.01  # ridge on the kept units' Gram matrix, as a share of its mean diagonal
+    compensate_correct: float = 0.0  # the refit's stream correction, in [0, 1] (pre-norm families; weights the
+    #                                  dense model's: Faster-VTrans or a one-shot baseline): each block's target moves
+    #                                  by this share from the dense block's output towards putting the residual
+    #                                  stream back where the dense model has it (0: the block-local refit)
     gains: bool = False  # VIB: train a per-channel output gain on every attention and FFN block with the masks (at
     #                      optim.gain_lr; starts at 1, prunes nothing, no KL), folded into the block's output projection
 
@@ -278,6 +282,17 @@ class MaskConfig:
         if not self.compensate_damp > 0:
             raise ValueError(f"mask.compensate_damp={self.compensate_damp} must be > 0 (a share of the Gram matrix's "
                              "mean diagonal, e.g. 0.01)")
+        if not 0 <= self.compensate_correct <= 1:
+            raise ValueError(f"mask.compensate_correct={self.compensate_correct} must lie in [0, 1] (0: each block "
+                             "refitted to its dense block, 1: to the dense model's residual stream)")
+        if self.compensate_correct > 0 and not self.compensate:
+            raise ValueError(f"mask.compensate_correct={self.compensate_correct} shapes the output refit, which "
+                             "mask.compensate=false turns off: set mask.compensate=true or mask.compensate_correct=0")
+        if self.compensate_correct > 0 and self.method == "vib" and self.variant != "faster":
+            raise ValueError(f"mask.compensate_correct={self.compensate_correct} points the refit at the dense "
+                             f"model's residual stream, but mask.variant={self.variant!r} trains the weights, so the "
+                             "job no longer holds the dense model: use mask.variant=faster (frozen weights), a "
+                             "one-shot mask.method, or mask.compensate_correct=0")
 
 
 @dataclass
@@ -672,7 +687,7 @@ EVALUATION_ONLY = ("data.max_eval_blocks", "data.eval_window", "data.eval_stride
 # the output refit runs after training, on the materialised model: its settings may change before a rerun, which then
 # resumes the end checkpoint and refits again (tuning the refit does not retrain the masks)
 AFTER_TRAINING = ("mask.compensate", "mask.compensate_blocks", "mask.compensate_damp", "mask.compensate_source",
-                  "mask.compensate_guard_blocks")
+                  "mask.compensate_guard_blocks", "mask.compensate_correct")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

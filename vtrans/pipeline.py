@@ -654,7 +654,8 @@ def compensation_data(cfg: Config, tokenizer, data: Data, dense: Dense | None = 
     return rows
 
 
-def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None, guard=None) -> dict:
+def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scales=None, guard=None,
+               unmasked=None) -> dict:
     """The compensation stage (mask.compensate): refit the pruned model's attention and FFN output projections, in
     place, so each block reproduces its masked block (every unit at its mask's scale: `scales`, from
     vtrans.masks.compensate.mask_scales; None: the unmasked block) on mask.compensate_blocks sequences of `train`
@@ -664,7 +665,8 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
     mask.compensate_guard_blocks of its rows that the refit did not draw. The pruned model's next-token loss on them
     is measured before and after the refit, and the refit is undone when it does not lower it: a refit fits its own
     sequences' activations, and where the masks have adapted to the cut (a deep cut) it can read worse on other
-    text. 0 blocks (or no rows left) keeps the refit unchecked."""
+    text. 0 blocks (or no rows left) keeps the refit unchecked. `unmasked` (a context, MaskedModel.disabled) runs
+    `dense_model` as the dense model for mask.compensate_correct's stream."""
     bs = cfg.optim.batch_size
     wanted = max(1, -(-cfg.mask.compensate_blocks // bs))
     distinct = max(1, len(train) // bs)  # one pass over the sequences: a repeated one changes nothing
@@ -683,7 +685,8 @@ def compensate(cfg: Config, pruned, dense_model, decision: Decision, train, scal
     with stop_checks(pruned):
         # the layers run one by one: a stop ends the refit between them
         info = refit_outputs(pruned, dense_model, decision, batches, damp=cfg.mask.compensate_damp,
-                             check=ckpt.check_stop, unit_scales=scales)
+                             check=ckpt.check_stop, unit_scales=scales, correct=cfg.mask.compensate_correct,
+                             unmasked=unmasked)
     if check is None:
         return info
     after = evaluation.perplexity(pruned, check, batch_size=cfg.eval.batch_size)["nll"]

@@ -49,6 +49,10 @@ def run(cfg: Config, out: Path) -> dict:
     mm = P.attach(cfg, model)
     budget = P.budget_of(cfg)
     check_reachable(mm, budget)  # before any training
+    if mask.compensate_correct > 0 and mm.family.post_norm:
+        raise ValueError(f"mask.compensate_correct={mask.compensate_correct} points the refit at the dense model's "
+                         f"residual stream, which needs a pre-norm family; {mm.family.name} normalises after each "
+                         "block: use mask.compensate_correct=0")
     dense = mm.dense
     logger = RunLogger(cfg.logger, asdict(cfg), str(out))
     log.info("model %s: %s layers, hidden %s, %s params on %s%s; %d train / %d held-out documents", dense.family,
@@ -110,7 +114,7 @@ def run(cfg: Config, out: Path) -> dict:
         rows = P.training_rows(cfg, tokenizer, data, dense_model)
         compensation = P.compensate(cfg, pruned.to(procs.device), model, decision,
                                     P.compensation_data(cfg, tokenizer, data, dense_model, rows), mask_scales(mm),
-                                    guard=rows if cfg.model.task == "causal_lm" else None)
+                                    guard=rows if cfg.model.task == "causal_lm" else None, unmasked=mm.disabled)
     if procs.is_main:
         P.check_budget(pruned, budget, decision.fit["target"])
         P.save_model(pruned, tokenizer, model_dir, decision)
