@@ -426,3 +426,25 @@ def test_bad_stream_correction_settings_fail_early(sets, words):
         OmegaConf.update(raw, k, v)
     with pytest.raises(ValueError, match=words):
         load_config(raw)
+
+
+def test_a_stopped_refit_leaves_both_models_as_it_found_them():
+    """A stop (the check raising between layers) ends the refit; the pruned and the dense model keep their training
+    mode and KV-cache setting."""
+    model = make_tiny("llama", "lm")
+    mm = attach_masks(model)
+    _random_masks(mm, 1)
+    d = decide(mm, Budget("params_ratio", 0.7))
+    with mm.disabled():
+        pruned = materialize(mm, d)
+    pruned.train()
+    model.train()
+    cache = (pruned.config.use_cache, model.config.use_cache)
+
+    def stop():
+        raise KeyboardInterrupt
+
+    with mm.disabled(), pytest.raises(KeyboardInterrupt):
+        compensate(pruned, model, d, [_inputs(0)], check=stop, correct=0.5, unmasked=mm.disabled)
+    assert pruned.training and model.training
+    assert (pruned.config.use_cache, model.config.use_cache) == cache

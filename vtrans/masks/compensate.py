@@ -31,6 +31,7 @@ model has it. Its least squares with the same ridge towards the reference's kept
 longer holds it, so the job allows the correction only where the weights are the dense model's."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -177,6 +178,9 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
     model's, e.g. MaskedModel.disabled; None: it carries no mask hooks)."""
     import time
 
+    if not 0 <= correct <= 1:
+        raise ValueError(f"correct={correct} must lie in [0, 1] (0: the block-local refit, 1: the full stream "
+                         "correction)")
     t0 = time.perf_counter()
     fam = family_of(dense_model)
     dense_layers = get_module(base_model(dense_model, fam), fam.layers)
@@ -191,137 +195,99 @@ def compensate(pruned: nn.Module, dense_model: nn.Module, decision: Decision, ba
     dh, group = decision.dense.head_dim, decision.group
     attn_path, ffn_path = _parent(fam.qkv[0]), _parent(fam.ffn_in[0])
 
-    # the inputs of the first layer, for every batch (positional args and keyword args as the model passes them)
-    caught: list[tuple[tuple, dict]] = []
+    with _inference(pruned), _inference(dense_model):  # eval mode, no KV cache; restored however it ends
+        caught = _layer_inputs(pruned, layers[0], batches)
+        tokens = sum(_hidden_of(a, k).shape[:-1].numel() for a, k in caught)
+        teacher = _Teacher(dense_model, dense_layers, fam, batches, hk, hmu, unmasked) if correct > 0 else None
 
-    def catch(module, args, kwargs):
-        caught.append((args, kwargs))
-        raise _Caught
+        def gram_of(layer, ref, path, proj_path, states, stream_path=None, targets=None, bias=None) -> _Gram:
+            """Run `layer` on `states` up to its module at `path`, whose inputs go to `ref` instead; the input of ref's
+            `proj_path` (or ref's output when the projection sits outside it) is added to the Gram matrix. The layer
+            stops there: what follows the module (the pruned block itself, the rest of the layer) does not change the
+            Gram matrix, and the layer runs whole once its projections are refitted. With `targets` (the dense model's
+            stream after the block, one per batch), X^T (target - h - bias) is added too, h the pruned layer's stream
+            where it enters its module at `stream_path` (the block's norm)."""
+            gram = _Gram()
+            inside = proj_path.startswith(path + ".") if path else True
+            hooks, cur = [], {}
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    use_cache = getattr(pruned.config, "use_cache", None)
-    if use_cache is not None:
-        pruned.config.use_cache = False
-    was_training = pruned.training
-    pruned.eval()
-    try:
-        for b in batches:
-            try:
-                pruned(**{k: v.to(device) for k, v in _model_inputs(b).items()})
-            except _Caught:
-                pass
-    finally:
-        handle.remove()
+            def take(x):
+                gram.add(x)
+                if targets is not None:
+                    r = targets[cur["k"]] - cur["h"]
+                    gram.add_cross(x, r if bias is None else r - bias)
 
-    def hidden_of(args, kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    tokens = sum(hidden_of(a, k).shape[:-1].numel() for a, k in caught)
-    if not 0 <= correct <= 1:
-        raise ValueError(f"correct={correct} must lie in [0, 1] (0: the block-local refit, 1: the full stream "
-                         "correction)")
-    teacher = _Teacher(dense_model, dense_layers, fam, batches, hk, hmu, unmasked) if correct > 0 else None
-
-    def with_hidden(args, kwargs, h):
-        return ((h, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
-
-    def run_layer(layer, states):
-        outs = []
-        for args, kwargs in states:
-            o = layer(*args, **kwargs)
-            outs.append(o[0] if isinstance(o, tuple) else o)
-        return outs
-
-    def gram_of(layer, ref, path, proj_path, states, stream_path=None, targets=None, bias=None) -> _Gram:
-        """Run `layer` on `states` up to its module at `path`, whose inputs go to `ref` instead; the input of ref's
-        `proj_path` (or ref's output when the projection sits outside it) is added to the Gram matrix. The layer
-        stops there: what follows the module (the pruned block itself, the rest of the layer) does not change the
-        Gram matrix, and the layer runs whole once its projections are refitted. With `targets` (the dense model's
-        stream after the block, one per batch), X^T (target - h - bias) is added too, h the pruned layer's stream
-        where it enters its module at `stream_path` (the block's norm)."""
-        gram = _Gram()
-        inside = proj_path.startswith(path + ".") if path else True
-        hooks, cur = [], {}
-
-        def take(x):
-            gram.add(x)
+            if inside:
+                proj = get_module(ref, proj_path[len(path) + 1:] if path else proj_path)
+                hooks.append(proj.register_forward_pre_hook(lambda m, args: take(args[0])))
             if targets is not None:
-                r = targets[cur["k"]] - cur["h"]
-                gram.add_cross(x, r if bias is None else r - bias)
+                hooks.append(get_module(layer, stream_path).register_forward_pre_hook(
+                    lambda m, args: cur.__setitem__("h", args[0])))
 
-        if inside:
-            hooks.append(get_module(ref, proj_path[len(path) + 1:] if path else proj_path).register_forward_pre_hook(
-                lambda m, args: take(args[0])))
-        if targets is not None:
-            hooks.append(get_module(layer, stream_path).register_forward_pre_hook(
-                lambda m, args: cur.__setitem__("h", args[0])))
+            def feed(module, args, kwargs):
+                out = ref(*args, **kwargs)
+                if not inside:
+                    take(out[0] if isinstance(out, tuple) else out)
+                raise _Caught
 
-        def feed(module, args, kwargs):
-            out = ref(*args, **kwargs)
-            if not inside:
-                take(out[0] if isinstance(out, tuple) else out)
-            raise _Caught
+            hooks.append(get_module(layer, path).register_forward_pre_hook(feed, with_kwargs=True))
+            try:
+                for k, (args, kwargs) in enumerate(states):
+                    cur["k"] = k
+                    try:
+                        layer(*args, **kwargs)
+                    except _Caught:
+                        pass
+            finally:
+                for h in hooks:
+                    h.remove()
+            return gram
 
-        hooks.append(get_module(layer, path).register_forward_pre_hook(feed, with_kwargs=True))
-        try:
-            for k, (args, kwargs) in enumerate(states):
-                cur["k"] = k
-                try:
-                    layer(*args, **kwargs)
-                except _Caught:
-                    pass
-        finally:
-            for h in hooks:
-                h.remove()
-        return gram
+        def bias_of(module):
+            b = getattr(module, "bias", None)
+            return None if b is None else b.detach()
 
-    def bias_of(module):
-        b = getattr(module, "bias", None)
-        return None if b is None else b.detach()
-
-    refitted = {"attention": 0, "ffn": 0}
-    states = caught
-    for j, (layer, i) in enumerate(zip(layers, kept_layers)):
-        if check is not None:
-            check()
-        ld, dense_layer = decision.layers[i], dense_layers[i]
-        a, f = ld.attention_scale, ld.ffn_scale
-        heads, neurons = ld.heads, ld.neurons
-        n_heads_dense = decision.dense.layers[i].kv_heads
-        n_neurons_dense = decision.dense.layers[i].intermediate
-        t_mid, t_out = teacher.layer(i) if teacher is not None else (None, None)
-        if 0 < len(heads) < n_heads_dense:
-            ref = _reference(dense_layer, attn_path, fam.qkv, hk, full_hidden, fam.conv1d).to(device)
-            gram = gram_of(layer, ref, attn_path, fam.o, states, fam.norms[0], t_mid, bias_of(get_module(layer, fam.o)))
-            q_ch = query_channels(heads.index, group, dh)
-            out_scale = block_out_scale(post, hmu, a, ld.attention_gain, hk)
-            w_ref = _weight_out_in(get_module(dense_layer, fam.o), fam.conv1d).detach().float().cpu()
-            w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
-            if unit_scales is not None and unit_scales[i][0] is not None:  # each KV head's scale on its query channels
-                w_ref = w_ref * unit_scales[i][0].float().cpu().repeat_interleave(group * dh).unsqueeze(0)
-            w_new = _refit(w_ref, gram.g.cpu(), q_ch, damp, _cpu(gram.c), correct)
-            _set_weight(get_module(layer, fam.o), w_new.float().to(device), fam.conv1d)
-            refitted["attention"] += 1
-            del ref, gram
-        if 0 < len(neurons) < n_neurons_dense:
-            ref = _reference(dense_layer, ffn_path, fam.ffn_in, hk, full_hidden, fam.conv1d).to(device)
-            gram = gram_of(layer, ref, ffn_path, fam.ffn_out, states, fam.norms[1], t_out,
-                           bias_of(get_module(layer, fam.ffn_out)))
-            out_scale = block_out_scale(post, hmu, f, ld.ffn_gain, hk)
-            w_ref = _weight_out_in(get_module(dense_layer, fam.ffn_out), fam.conv1d).detach().float().cpu()
-            w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
-            if unit_scales is not None and unit_scales[i][1] is not None:
-                w_ref = w_ref * unit_scales[i][1].float().cpu().unsqueeze(0)
-            w_new = _refit(w_ref, gram.g.cpu(), neurons.index, damp, _cpu(gram.c), correct)
-            _set_weight(get_module(layer, fam.ffn_out), w_new.float().to(device), fam.conv1d)
-            refitted["ffn"] += 1
-            del ref, gram
-        if j + 1 < len(layers):
-            outs = run_layer(layer, states)
-            states = [with_hidden(args, kwargs, h) for (args, kwargs), h in zip(states, outs)]
-    if use_cache is not None:
-        pruned.config.use_cache = use_cache
-    pruned.train(was_training)
+        refitted = {"attention": 0, "ffn": 0}
+        states = caught
+        for j, (layer, i) in enumerate(zip(layers, kept_layers)):
+            if check is not None:
+                check()
+            ld, dense_layer = decision.layers[i], dense_layers[i]
+            a, f = ld.attention_scale, ld.ffn_scale
+            heads, neurons = ld.heads, ld.neurons
+            n_heads_dense = decision.dense.layers[i].kv_heads
+            n_neurons_dense = decision.dense.layers[i].intermediate
+            t_mid, t_out = teacher.layer(i) if teacher is not None else (None, None)
+            if 0 < len(heads) < n_heads_dense:
+                ref = _reference(dense_layer, attn_path, fam.qkv, hk, full_hidden, fam.conv1d).to(device)
+                gram = gram_of(layer, ref, attn_path, fam.o, states, fam.norms[0], t_mid,
+                               bias_of(get_module(layer, fam.o)))
+                q_ch = query_channels(heads.index, group, dh)
+                out_scale = block_out_scale(post, hmu, a, ld.attention_gain, hk)
+                w_ref = _weight_out_in(get_module(dense_layer, fam.o), fam.conv1d).detach().float().cpu()
+                w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
+                # each KV head's scale on its query channels
+                if unit_scales is not None and unit_scales[i][0] is not None:
+                    w_ref = w_ref * unit_scales[i][0].float().cpu().repeat_interleave(group * dh).unsqueeze(0)
+                w_new = _refit(w_ref, gram.g.cpu(), q_ch, damp, _cpu(gram.c), correct)
+                _set_weight(get_module(layer, fam.o), w_new.float().to(device), fam.conv1d)
+                refitted["attention"] += 1
+                del ref, gram
+            if 0 < len(neurons) < n_neurons_dense:
+                ref = _reference(dense_layer, ffn_path, fam.ffn_in, hk, full_hidden, fam.conv1d).to(device)
+                gram = gram_of(layer, ref, ffn_path, fam.ffn_out, states, fam.norms[1], t_out,
+                               bias_of(get_module(layer, fam.ffn_out)))
+                out_scale = block_out_scale(post, hmu, f, ld.ffn_gain, hk)
+                w_ref = _weight_out_in(get_module(dense_layer, fam.ffn_out), fam.conv1d).detach().float().cpu()
+                w_ref = w_ref.index_select(0, hk) * out_scale.unsqueeze(1)
+                if unit_scales is not None and unit_scales[i][1] is not None:
+                    w_ref = w_ref * unit_scales[i][1].float().cpu().unsqueeze(0)
+                w_new = _refit(w_ref, gram.g.cpu(), neurons.index, damp, _cpu(gram.c), correct)
+                _set_weight(get_module(layer, fam.ffn_out), w_new.float().to(device), fam.conv1d)
+                refitted["ffn"] += 1
+                del ref, gram
+            if j + 1 < len(layers):
+                states = _next_states(states, _run_layer(layer, states))
     seconds = time.perf_counter() - t0
     log.info("compensated %d attention and %d FFN output projections on %d tokens in %.1f s",
              refitted["attention"], refitted["ffn"], tokens, seconds)
@@ -336,6 +302,61 @@ def _cpu(t):
     return None if t is None else t.cpu()
 
 
+@contextlib.contextmanager
+def _inference(model: nn.Module):
+    """`model` in eval mode with its KV cache off, both restored on the way out."""
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+
+
+def _layer_inputs(model: nn.Module, layer: nn.Module, batches: list[dict]) -> list[tuple[tuple, dict]]:
+    """What `layer` receives (positional and keyword args, as the model passes them) when `model` runs each batch;
+    the forward stops there."""
+    device = next(model.parameters()).device
+    caught: list[tuple[tuple, dict]] = []
+
+    def catch(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Caught
+
+    handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                model(**{k: v.to(device) for k, v in _model_inputs(b).items()})
+            except _Caught:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def _hidden_of(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _run_layer(layer: nn.Module, states) -> list[torch.Tensor]:
+    outs = []
+    for args, kwargs in states:
+        o = layer(*args, **kwargs)
+        outs.append(o[0] if isinstance(o, tuple) else o)
+    return outs
+
+
+def _next_states(states, hidden: list[torch.Tensor]):
+    """`states` (a layer's inputs per batch) with the hidden states replaced: the next layer's inputs."""
+    return [((h, *a[1:]), kw) if a else ((), {**kw, "hidden_states": h}) for (a, kw), h in zip(states, hidden)]
+
+
 class _Teacher:
     """The dense model's residual stream, layer by layer, on the refit's batches: where the stream correction points
     each pruned block. Run once, forward only; `layer(i)` gives dense layer i's stream after its attention block and
@@ -343,38 +364,14 @@ class _Teacher:
     hidden mask's scale). Layers are asked for in increasing order; those the decision removes are run too."""
 
     def __init__(self, dense_model, dense_layers, fam, batches, hk, hmu, unmasked):
-        import contextlib
-
         if fam.post_norm:
             raise ValueError(f"the stream correction (correct > 0) needs a pre-norm family; {fam.name} normalises "
                              "after each block: use correct=0")
         self.layers, self.fam, self.hk, self.hmu = dense_layers, fam, hk, hmu
         self.unmasked = unmasked or contextlib.nullcontext
-        self.device = next(dense_model.parameters()).device
-        self.at, self.states = 0, []
-
-        def catch(module, args, kwargs):
-            self.states.append((args, kwargs))
-            raise _Caught
-
-        handle = dense_layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        use_cache = getattr(dense_model.config, "use_cache", None)
-        if use_cache is not None:
-            dense_model.config.use_cache = False
-        was_training = dense_model.training
-        dense_model.eval()
-        try:
-            with self.unmasked():
-                for b in batches:
-                    try:
-                        dense_model(**{k: v.to(self.device) for k, v in _model_inputs(b).items()})
-                    except _Caught:
-                        pass
-        finally:
-            handle.remove()
-            dense_model.train(was_training)
-            if use_cache is not None:
-                dense_model.config.use_cache = use_cache
+        self.at = 0
+        with self.unmasked():
+            self.states = _layer_inputs(dense_model, dense_layers[0], batches)
 
     def _pruned(self, h: torch.Tensor) -> torch.Tensor:
         return h.index_select(-1, self.hk.to(h.device)) * self.hmu.to(h.device, h.dtype)
@@ -383,16 +380,12 @@ class _Teacher:
         while self.at <= i:
             layer, mids = self.layers[self.at], []
             handle = get_module(layer, self.fam.norms[1]).register_forward_pre_hook(lambda m, a: mids.append(a[0]))
-            outs = []
             try:
                 with self.unmasked():
-                    for args, kwargs in self.states:
-                        o = layer(*args, **kwargs)
-                        outs.append(o[0] if isinstance(o, tuple) else o)
+                    outs = _run_layer(layer, self.states)
             finally:
                 handle.remove()
-            self.states = [((h, *a[1:]), kw) if a else ((), {**kw, "hidden_states": h})
-                           for (a, kw), h in zip(self.states, outs)]
+            self.states = _next_states(self.states, outs)
             self.at += 1
             if self.at > i:
                 return [self._pruned(m) for m in mids], [self._pruned(o) for o in outs]
