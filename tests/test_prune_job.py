@@ -339,6 +339,59 @@ def test_iterative_decisions_ramp_to_the_budget(tiny_llama_dir):
     assert all(bool(m.has_decision) for m in mm.masks().values())
 
 
+def test_target_ramp_shapes():
+    """budget.ramp: linear, or gradual pruning's cubic (1 - (1 - t)^3 of the cut by share t of the warm-up); both
+    start dense, end at the budget at the warm-up's end and stay there; cubic is ahead of linear in between."""
+    from vtrans.objectives import target_ratio
+    for ramp in ("linear", "cubic"):
+        assert target_ratio(0, 8, 0.6, ramp) == 1.0
+        assert target_ratio(8, 8, 0.6, ramp) == pytest.approx(0.6) == target_ratio(12, 8, 0.6, ramp)
+        assert target_ratio(3, 0, 0.6, ramp) == 0.6  # no warm-up: the budget from the start
+    assert target_ratio(4, 8, 0.6) == pytest.approx(0.8)
+    assert target_ratio(4, 8, 0.6, "cubic") == pytest.approx(1 - 0.4 * (1 - 0.5 ** 3))
+    assert all(target_ratio(s, 8, 0.6, "cubic") < target_ratio(s, 8, 0.6) for s in range(1, 8))
+    with pytest.raises(ValueError, match=r"ramp='step' is not accepted; choose one of \['linear', 'cubic'\]"):
+        target_ratio(1, 8, 0.6, "step")
+    from vtrans.config import BudgetConfig
+    with pytest.raises(ValueError, match=r"budget.ramp='step'.*'linear', 'cubic'"):
+        BudgetConfig(ramp="step")
+
+
+def test_cubic_ramp_cuts_earlier_in_training_and_in_the_objective(tiny_llama_dir):
+    """With budget.ramp=cubic the in-training decisions and the objective's target follow the cubic schedule: more is
+    cut at the first decision than with the linear ramp, and both reach the budget at the warm-up's end."""
+    from vtrans.engine import Engine, fit
+    from vtrans.pipeline import iterative_decisions
+    from vtrans.masks.attach import attach_masks
+    from vtrans.masks.decide import Budget
+    from vtrans.objectives import target_ratio
+    from vtrans.pruning import PruningModule
+    first_cut, ends = {}, {}
+    for ramp in ("linear", "cubic"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        mm = attach_masks(model)
+        budget = Budget("params_ratio", 0.6, embeddings=False)
+        mod = PruningModule(mm, budget, beta=1e-4, kl_weights={}, task_weight=1.0, logit_weight=1.0, temperature=2.0,
+                            layer_weight=0.0, layer_every=1, warmup_steps=6, train_weights=False, ramp=ramp)
+        eng = Engine(mod, mod.param_groups(0.05, 0.0, 0.1, 0.0))
+        hook = iterative_decisions(mm, budget, 6, mod.final_ratio, every=2, steps=10, ramp=ramp)
+        sizes = []
+
+        def on_step(step):
+            hook(step)
+            sizes.append(float(budget.size(mm.kept_shape())) / mod.dense_size)
+
+        ids = torch.randint(0, 1000, (2, 16))
+        history = fit(eng, iter([{"input_ids": ids}] * 10), 10, 1, progress=False, on_step=on_step)
+        for h in history:  # the objective's target at each (0-based) step
+            assert float(h["target_ratio"]) == pytest.approx(target_ratio(h["step"] - 1, 6, mod.final_ratio, ramp))
+        first_cut[ramp], ends[ramp] = sizes[1], sizes[5]  # after the decision at step 2; at the ramp's end
+        assert sizes[1] <= target_ratio(2, 6, mod.final_ratio, ramp) + 1e-6
+    assert first_cut["cubic"] < first_cut["linear"]
+    assert ends["cubic"] <= 0.6 + 1e-6 and ends["linear"] <= 0.6 + 1e-6
+
+
 def test_layer_distillation_is_relative_to_the_teacher_scale():
     """Residual streams with huge channels must not swamp the objective: the layer loss is scale-free."""
     from vtrans.objectives import LayerDistill

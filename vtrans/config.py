@@ -22,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 VARIANTS = ("vtrans", "fast", "faster")
 METHODS = ("vib", "random", "magnitude", "activation", "taylor")
 INIT_SCORERS = ("", "magnitude", "activation", "taylor")  # mask.init_from (random would only add noise)
+RAMPS = ("linear", "cubic")  # budget.ramp (vtrans.objectives.RAMPS)
 FISHER_LABELS = ("data", "model")  # mask.fisher_labels (vtrans.masks.scoring.FISHER_LABELS)
 BUDGET_KINDS = ("params", "params_ratio", "flops")
 LOGGERS = ("none", "wandb")
@@ -303,6 +304,8 @@ class BudgetConfig:
     count_embeddings: bool = True  # embeddings count in parameter budgets
     flops_seq_len: int = 512  # FLOPs per token are measured at this sequence length
     warmup_fraction: float = 0.5  # the target ramps from dense to final over this share of the steps
+    ramp: str = "linear"  # the target's shape over the warm-up: linear | cubic (gradual pruning's 1 - (1 - t)^3: large
+    #                       cuts early, small ones near the end)
     decide_every: int = 5  # iterative pruning: every N steps the units over the scheduled target are cut (0: only at the end)
     multiple_of: int = 1  # hidden and per-layer FFN widths kept at multiples (8 / 64 suit GPUs), budget refitted
 
@@ -315,6 +318,7 @@ class BudgetConfig:
             raise ValueError(f"budget.target={self.target} must be > 0 for budget.kind={self.kind}")
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"budget.warmup_fraction={self.warmup_fraction} must be in [0, 1]")
+        _one_of("budget.ramp", self.ramp, RAMPS)
         if self.multiple_of < 1:
             raise ValueError(f"budget.multiple_of={self.multiple_of} must be >= 1 (1: no rounding; 8 or 64 suit GPUs)")
         if self.decide_every < 0:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+RAMPS = ("linear", "cubic")  # budget.ramp: the shape of the target over the warm-up (target_ratio)
+
 
 def kl_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """Weighted sum of the per-structure KL terms (weights: structure kind -> multiplier)."""
@@ -136,9 +138,15 @@ class Lagrangian(nn.Module):
         return lam[0] * gap + lam[1] * gap * gap, self.lambdas.detach().clone()
 
 
-def target_ratio(step: int, warmup_steps: int, final_ratio: float) -> float:
-    """The remaining-size target ramps linearly from 1 (dense) to the final ratio over the warm-up."""
+def target_ratio(step: int, warmup_steps: int, final_ratio: float, ramp: str = "linear") -> float:
+    """The remaining-size target ramps from 1 (dense) to the final ratio over the warm-up: linearly, or with
+    ramp="cubic" as in gradual pruning (Zhu & Gupta 2017: the cut so far is 1 - (1 - t)^3 of the whole, large early,
+    small near the end, so the last cuts leave the masks time to adapt)."""
     if warmup_steps <= 0:
         return final_ratio
     frac = min(1.0, step / warmup_steps)
+    if ramp == "cubic":
+        frac = 1.0 - (1.0 - frac) ** 3
+    elif ramp != "linear":
+        raise ValueError(f"ramp={ramp!r} is not accepted; choose one of {list(RAMPS)}")
     return 1.0 - frac * (1.0 - final_ratio)

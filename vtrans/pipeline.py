@@ -796,7 +796,7 @@ def enable_activation_checkpointing(model) -> None:
 
 
 def iterative_decisions(mm: MaskedModel, budget: Budget, warmup_steps: int, final_ratio: float, every: int,
-                        steps: int, uniform: bool = False, multiple_of: int = 1):
+                        steps: int, uniform: bool = False, multiple_of: int = 1, ramp: str = "linear"):
     """VTrans prunes iteratively: every `every` steps the units over the scheduled size (ramping from dense to the
     budget over the warm-up) are cut from the training forward (z *= decided), so the remaining units and weights
     learn to do without them before the final decision. The masks are whole on every rank, so every rank decides
@@ -809,7 +809,7 @@ def iterative_decisions(mm: MaskedModel, budget: Budget, warmup_steps: int, fina
     def on_step(step: int) -> None:
         if step % every or step >= steps:
             return
-        ratio = target_ratio(step, warmup_steps, final_ratio)
+        ratio = target_ratio(step, warmup_steps, final_ratio, ramp)
         if ratio >= 1.0 - 1e-6:
             return
         scheduled = Budget(kind=absolute, target=ratio * dense_size, embeddings=budget.embeddings,

@@ -19,7 +19,8 @@ from .objectives import LayerDistill, Lagrangian, kl_loss, output_distill, targe
 class PruningModule(nn.Module):
     def __init__(self, mm: MaskedModel, budget: Budget, *, beta: float, kl_weights: dict[str, float],
                  task_weight: float, logit_weight: float, temperature: float, layer_weight: float,
-                 layer_every: int, warmup_steps: int, train_weights: bool, teacher: nn.Module | None = None):
+                 layer_every: int, warmup_steps: int, train_weights: bool, teacher: nn.Module | None = None,
+                 ramp: str = "linear"):
         super().__init__()
         self.model = mm.model
         object.__setattr__(self, "lagrangian", Lagrangian())  # replicated: see the module docstring
@@ -33,7 +34,7 @@ class PruningModule(nn.Module):
         self.final_ratio = budget.target_size(mm.dense) / self.dense_size
         self.beta, self.kl_weights = beta, kl_weights
         self.task_weight, self.logit_weight, self.layer_weight = task_weight, logit_weight, layer_weight
-        self.temperature, self.warmup_steps = temperature, warmup_steps
+        self.temperature, self.warmup_steps, self.ramp = temperature, warmup_steps, ramp
         self.head = mm.dense.head  # "lm", "qa" or a classifier: picks the task loss and the distillation
         for p in self.model.parameters():
             p.requires_grad_(train_weights)
@@ -118,7 +119,7 @@ class PruningModule(nn.Module):
         kl = kl_loss(self._mm.kl_terms(), self.kl_weights)
         loss = loss + self.beta * kl
         expected = self.budget.size(self._mm.expected_shape()) / self.dense_size
-        target = target_ratio(step, self.warmup_steps, self.final_ratio)
+        target = target_ratio(step, self.warmup_steps, self.final_ratio, self.ramp)
         lag, lambdas = self.lagrangian(expected, target)
         loss = loss + lag
         stats.update(kl=kl.detach(), expected_ratio=expected.detach(), target_ratio=torch.tensor(target),

@@ -68,7 +68,7 @@ def run(cfg: Config, out: Path) -> dict:
             logit_weight=cfg.distill.logit_weight, temperature=cfg.distill.temperature,
             layer_weight=cfg.distill.layer_weight, layer_every=cfg.distill.layer_every,
             warmup_steps=round(cfg.budget.warmup_fraction * optim.steps), train_weights=mask.variant != "faster",
-            teacher=teacher)
+            teacher=teacher, ramp=cfg.budget.ramp)
         engine = make_engine(module, module.param_groups(optim.mask_lr, optim.weight_lr, optim.lambda_lr,
                                                          optim.distill_lr, optim.gain_lr), cfg, procs)
     hooks = sharded.forward_hooks(model) if sharded and engine is None else None  # a sharded baseline's forwards
@@ -86,7 +86,7 @@ def run(cfg: Config, out: Path) -> dict:
             P.warm_start(cfg, mm, P.warm_start_rows(cfg, tokenizer, data, dense_model), procs, lockstep)
             engine.release_parameters()
         on_step = P.iterative_decisions(mm, budget, module.warmup_steps, module.final_ratio, cfg.budget.decide_every,
-                                        optim.steps, cfg.export_uniform, cfg.budget.multiple_of)
+                                        optim.steps, cfg.export_uniform, cfg.budget.multiple_of, cfg.budget.ramp)
         with logger.preemption():
             history = fit(engine, lambda start: batch_stream(data.train, optim.batch_size, optim.seed, start),
                           optim.steps, optim.grad_accum, on_log=logger.log, log_every=optim.log_every,
