@@ -80,6 +80,7 @@ def test_wrong_type_fails_naming_the_key():
     ("mask.gains=true mask.method=taylor",
      r"mask.gains=true trains the blocks' output gains with the VIB masks, but mask.method='taylor'.*mask.gains=false"),
     ("optim.gain_lr=0", r"optim.gain_lr=0.0 must be > 0"),
+    ("optim.scale_lr=-1", r"optim.scale_lr=-1.0 must be >= 0 \(0 = optim.mask_lr\)"),
 ])
 def test_bad_values_fail_at_validation(override, match):
     cfg = _compose(override.split())

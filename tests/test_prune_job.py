@@ -112,6 +112,42 @@ def test_lagrange_multipliers_rise_while_over_budget(tiny_llama_dir):
     assert float(mod.lagrangian.lambdas[0].detach()) > 0
 
 
+
+def test_scale_lr_trains_the_masks_mu_in_a_group_of_its_own(tiny_llama_dir):
+    """optim.scale_lr: the masks' mu (the kept units' scales) at their own lr, log_sigma2 at mask_lr; Adam's first step
+    moves each parameter by about its lr, so mu moves ten times as far as log_sigma2. 0 (or mask_lr) keeps the one
+    "masks" group that older checkpoints hold."""
+    from vtrans.config import OptimConfig
+    from vtrans.engine import Engine
+    from vtrans.masks.attach import attach_masks
+    from vtrans.masks.decide import Budget
+    from vtrans.pruning import PruningModule
+
+    def module():
+        torch.manual_seed(0)
+        mm = attach_masks(AutoModelForCausalLM.from_pretrained(tiny_llama_dir))
+        return mm, PruningModule(mm, Budget("params_ratio", 0.8), beta=1e-5, kl_weights={}, task_weight=1.0,
+                                 logit_weight=0.0, temperature=1.0, layer_weight=0.0, layer_every=1, warmup_steps=0,
+                                 train_weights=False)
+
+    mm, mod = module()
+    for scale_lr in (0.0, 0.01):
+        names = [g["name"] for g in mod.param_groups(0.01, 0.0, 0.1, 0.0, scale_lr=scale_lr)]
+        assert names == ["masks", "lambdas"]
+    groups = mod.param_groups(0.01, 0.0, 0.1, 0.0, scale_lr=0.1)
+    by_name = {g["name"]: g for g in groups}
+    assert [g["name"] for g in groups] == ["masks", "scales", "lambdas"] and by_name["scales"]["lr"] == 0.1
+    masks = mm.masks().values()
+    assert {id(p) for p in by_name["scales"]["params"]} == {id(m.mu) for m in masks}
+    assert {id(p) for p in by_name["masks"]["params"]} == {id(m.log_sigma2) for m in masks}
+    m = mm.layers[0].neurons
+    mu, ls = m.mu.detach().clone(), m.log_sigma2.detach().clone()
+    Engine(mod, groups).train_step([{"input_ids": torch.randint(0, 1000, (2, 16))}], 0)
+    moved_mu, moved_ls = (m.mu.detach() - mu).abs(), (m.log_sigma2.detach() - ls).abs()
+    assert moved_mu.max() == pytest.approx(0.1, rel=0.05) and moved_ls.max() == pytest.approx(0.01, rel=0.05)
+    with pytest.raises(ValueError, match=r"optim.scale_lr=-0.1 must be >= 0 \(0 = optim.mask_lr\)"):
+        OptimConfig(scale_lr=-0.1)
+
 def test_classification_prune_job(tiny_bert_dir, tmp_path):
     cfg = _cfg(tiny_bert_dir, tmp_path, source="gensim:pang_lee_polarity.cor", model__task="sequence_classification",
                data__heldout_fraction=0.2, budget__target=0.7)

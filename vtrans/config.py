@@ -331,6 +331,8 @@ class OptimConfig:
     batch_size: int = 4
     grad_accum: int = 1
     mask_lr: float = 0.05
+    scale_lr: float = 0.0  # the VIB masks' mu (each kept unit's scale, folded into the weights) at their own lr;
+    #                        0 = mask_lr, one group with log_sigma2 (which carries the ranking)
     weight_lr: float = 2e-5  # used by the vtrans / fast variants and fine-tuning
     lambda_lr: float = 0.1  # Lagrange multipliers (gradient ascent)
     distill_lr: float = 1e-3  # layer-distillation map
@@ -350,6 +352,8 @@ class OptimConfig:
         for name in ("mask_lr", "lambda_lr", "gain_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"optim.{name}={getattr(self, name)} must be > 0")
+        if self.scale_lr < 0:
+            raise ValueError(f"optim.scale_lr={self.scale_lr} must be >= 0 (0 = optim.mask_lr)")
 
 
 @dataclass

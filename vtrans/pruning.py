@@ -67,13 +67,22 @@ class PruningModule(nn.Module):
             m.load_state_dict(state[name])
 
     def param_groups(self, mask_lr: float, weight_lr: float, lambda_lr: float, distill_lr: float,
-                     gain_lr: float = 0.01) -> list[dict]:
+                     gain_lr: float = 0.01, scale_lr: float = 0.0) -> list[dict]:
+        """`scale_lr` > 0 (and not mask_lr) trains the masks' mu, the kept units' scales, in a group of its own
+        ("scales") beside their log_sigma2 ("masks"); 0 keeps one group, the layout older checkpoints hold."""
         mask_ids = {id(p) for p in self._mm.mask_parameters() + self._mm.gain_parameters()}
         weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in mask_ids]
-        groups = [{"name": "masks", "params": self._mm.mask_parameters(), "lr": mask_lr, "weight_decay": 0.0,
-                   "replicated": True},
-                  {"name": "lambdas", "params": [self.lagrangian.lambdas], "lr": lambda_lr, "weight_decay": 0.0,
-                   "replicated": True}]
+        masks, scales = self._mm.mask_parameters(), []
+        if scale_lr > 0 and scale_lr != mask_lr:
+            scale_ids = {id(p) for p in self._mm.scale_parameters()}
+            scales = [p for p in masks if id(p) in scale_ids]
+            masks = [p for p in masks if id(p) not in scale_ids]
+        groups = [{"name": "masks", "params": masks, "lr": mask_lr, "weight_decay": 0.0, "replicated": True}]
+        if scales:
+            groups.append({"name": "scales", "params": scales, "lr": scale_lr, "weight_decay": 0.0,
+                           "replicated": True})
+        groups += [{"name": "lambdas", "params": [self.lagrangian.lambdas], "lr": lambda_lr, "weight_decay": 0.0,
+                    "replicated": True}]
         if self._mm.gains():
             groups.append({"name": "gains", "params": self._mm.gain_parameters(), "lr": gain_lr, "weight_decay": 0.0,
                            "replicated": True})

@@ -70,7 +70,8 @@ def run(cfg: Config, out: Path) -> dict:
             warmup_steps=round(cfg.budget.warmup_fraction * optim.steps), train_weights=mask.variant != "faster",
             teacher=teacher, ramp=cfg.budget.ramp)
         engine = make_engine(module, module.param_groups(optim.mask_lr, optim.weight_lr, optim.lambda_lr,
-                                                         optim.distill_lr, optim.gain_lr), cfg, procs)
+                                                         optim.distill_lr, optim.gain_lr, optim.scale_lr),
+                             cfg, procs)
     hooks = sharded.forward_hooks(model) if sharded and engine is None else None  # a sharded baseline's forwards
 
     with mm.disabled():

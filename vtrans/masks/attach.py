@@ -68,6 +68,10 @@ class MaskedModel:
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.masks().values() for p in m.parameters() if p.requires_grad]
 
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The trained masks' mu: each unit's scale, which materialising folds into the weights."""
+        return [m.mu for m in self.masks().values() if m.mu.requires_grad]
+
     def gains(self) -> dict[str, BlockGain]:
         """The blocks' output gains (mask.gains), by name; empty without them."""
         out = {}
