@@ -156,6 +156,11 @@ def main() -> None:
                    help="compose and validate every job's config (recovery included), print them and stop: no model "
                         "is loaded, nothing is written")
     args = p.parse_args()
+    accepted = BASELINES + EXTERNAL + VARIANTS
+    unknown = [m for m in args.methods.split(",") if m not in accepted]
+    if unknown and not args.join:  # before any model loads (recovery follows vtrans; it is not a method of its own)
+        p.error(f"--methods {','.join(unknown)} not accepted; choose from {','.join(accepted)} (vtrans is followed by "
+                f"recovery fine-tuning unless --recovery-steps 0)")
     if args.dry_run:
         dry_run(args)
         return

@@ -52,3 +52,18 @@ def test_table_shows_the_prose_check_apart(tmp_path):
     assert md[3].split(" | ")[4:8] == ["2.00", "2.00", "2.00", "4.00"]
     with open(tmp_path / "quality_t.csv") as f:
         assert float(next(csv.DictReader(f))["ratio_prose_check"]) == pytest.approx(2.8284)
+
+
+def test_an_unknown_method_is_refused_before_any_model_loads(tmp_path):
+    """`--methods recovery` (recovery follows vtrans; it is no method of its own) fails at argument parsing, naming
+    the bad value and the accepted ones, not after the methods before it have run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "bench/quality.py", "--methods", "vtrans,recovery", "--results", str(tmp_path)],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "--methods recovery not accepted; choose from random,magnitude,activation,taylor" in p.stderr
+    assert "vtrans is followed by recovery fine-tuning unless --recovery-steps 0" in p.stderr
+    assert not any(tmp_path.iterdir())
