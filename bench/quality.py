@@ -65,6 +65,13 @@ def common(args) -> list[str]:
     return out
 
 
+def budget(keep: float) -> list[str]:
+    """The packaged budget group for this share where there is one (conf/budget/params50.yaml carries the mask rate
+    measured best at 50 %), so a row is what `python launch.py budget=params50 ...` runs; else the target alone."""
+    group = {0.8: "params80", 0.5: "params50"}.get(keep)
+    return [f"budget={group}"] if group else [f"budget.target={keep}"]
+
+
 def config(method: str, keep: float, args) -> Config:
     if method in VARIANTS:
         mask = [f"mask={method}", f"optim.steps={args.steps}", *args.vib]
@@ -72,7 +79,7 @@ def config(method: str, keep: float, args) -> Config:
         mask = ["mask.method=" + ("magnitude" if method == "torch_pruning" else "taylor")]
     else:
         mask = [f"mask.method={method}"]
-    return compose([*mask, f"budget.target={keep}", *common(args),
+    return compose([*mask, *budget(keep), *common(args),
                     f"output_dir={Path(args.out) / f'{method}-{keep}'}"])
 
 

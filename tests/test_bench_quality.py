@@ -67,3 +67,14 @@ def test_an_unknown_method_is_refused_before_any_model_loads(tmp_path):
     assert "--methods recovery not accepted; choose from random,magnitude,activation,taylor" in p.stderr
     assert "vtrans is followed by recovery fine-tuning unless --recovery-steps 0" in p.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_row_at_a_packaged_budget_is_what_that_budget_group_runs(tmp_path):
+    """At 0.5 the bench composes budget=params50 (the mask rate measured best there), at 0.8 params80 (the default
+    data's half rate); another share sets the target alone; `--set` still has the last word."""
+    half, fifth = config("vtrans", 0.5, _args(tmp_path)), config("vtrans", 0.8, _args(tmp_path))
+    assert (half.budget.target, half.optim.scale_lr) == (0.5, 0.0)
+    assert (fifth.budget.target, fifth.optim.scale_lr) == (0.8, 0.01)
+    other = config("fast", 0.7, _args(tmp_path))
+    assert (other.budget.target, other.optim.scale_lr) == (0.7, 0.01)
+    assert config("faster", 0.5, _args(tmp_path, set=["optim.scale_lr=0.01"])).optim.scale_lr == 0.01

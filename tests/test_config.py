@@ -27,6 +27,18 @@ def test_default_composes_to_the_embedded_job():
     assert cfg.budget.kind == "params_ratio" and cfg.budget.target == 0.8
 
 
+def test_the_50_percent_budget_carries_its_mask_rate_and_the_command_line_still_wins():
+    """budget=params50 (a global package) sets the kept units' scales to the masks' rate, measured best at 50 %; the
+    default data's half rate (chosen at 20 %) stays with params80 and with a bare budget.target."""
+    assert load_config(_compose()).optim.scale_lr == 0.01
+    cfg = load_config(_compose(["budget=params50"]))
+    assert (cfg.budget.kind, cfg.budget.target, cfg.budget.count_embeddings) == ("params_ratio", 0.5, True)
+    assert cfg.optim.scale_lr == 0.0 and cfg.optim.mask_lr == 0.02 and cfg.budget.ramp == "cubic"
+    assert load_config(_compose(["budget.target=0.5"])).optim.scale_lr == 0.01
+    assert load_config(_compose(["budget=params50", "optim.scale_lr=0.01"])).optim.scale_lr == 0.01
+    assert load_config(_compose(["experiment=gpt2_50_faster"])).optim.scale_lr == 0.0  # the schema's value anyway
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes_and_validates(group, option):
     # a classifier needs classification data: the default data group mixes teacher samples into LM training data
